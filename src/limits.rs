@@ -1,0 +1,49 @@
+//! Every limit and default size in one place (STYLE 7). Units go last in the name.
+//!
+//! This module owns numbers only; the code that enforces a limit cites the constant.
+
+/// Block size for O_DIRECT writes and the unit of staging buffers. 4 KiB matches the
+/// page size and the logical block size of every disk we target.
+pub const IO_ALIGN_BYTES: usize = 4096;
+
+/// A batch header is 64 bytes; anything smaller cannot be a batch.
+pub const BATCH_BYTES_MIN: usize = crate::batch::HEADER_LEN;
+
+/// Largest record batch the engine accepts. 16 MiB bounds the staging memory a single
+/// request can pin and keeps one batch well below the smallest sensible segment.
+pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Largest number of records in one batch (bounds validation work per batch).
+pub const BATCH_RECORDS_MAX: u32 = 1_000_000;
+
+/// Largest number of headers on one record.
+pub const RECORD_HEADERS_MAX: u32 = 10_000;
+
+/// Default segment size: 256 MiB. Preallocated per active segment; 256 MiB keeps
+/// recovery scans short (a full tail scan reads at most this much) while rolling rarely.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+/// Smallest segment size allowed (room for at least one maximum batch is not required,
+/// but a segment must hold a few blocks).
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+
+/// Segment positions are stored as u32 in the offset index, so a segment is < 4 GiB.
+pub const SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
+
+/// One sparse index entry per 4 KiB of log keeps the index at 8 B / 4 KiB = 0.2% of
+/// the log and bounds the scan after an index lookup to about 4 KiB plus one batch.
+pub const INDEX_INTERVAL_BYTES: u64 = 4096;
+
+/// Staging buffer chunk for the active segment: appends are copied here once and the
+/// chunk is written with one O_DIRECT write. 1 MiB matches the write size at which the
+/// measured O_DIRECT throughput saturates (docs/ARCHITECTURE.md).
+pub const STAGING_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Group commit: flush once this many bytes are pending ...
+pub const FLUSH_BYTES_DEFAULT: u64 = 1024 * 1024;
+
+/// ... or once the oldest pending byte has waited this long, whichever comes first.
+pub const FLUSH_DELAY_US_DEFAULT: u64 = 200;
+
+/// Largest number of chunks written concurrently by one flush (bounds in-flight I/O).
+pub const FLUSH_WRITES_IN_FLIGHT_MAX: usize = 8;

@@ -1,0 +1,206 @@
+//! The narrow I/O interface between the log and the operating system, and the
+//! blocking backend used by tests, tools and start-up recovery.
+//!
+//! The log core (segments, partitions) never calls `write` or `fsync` itself: a flush
+//! produces a [`crate::storage::FlushJob`] and the job runs against a [`LogIo`]
+//! backend. Two backends exist:
+//! - [`StdIo`]: positioned `pwrite` (O_DIRECT where the filesystem allows it) and
+//!   `fdatasync`, completing synchronously. Used by tests, benches, tools.
+//! - `UringIo` (`storage::uring`): glommio's io_uring `DmaFile`, so a core never
+//!   blocks on the disk.
+//!
+//! This module also owns the page-aligned buffer type and `fallocate`, which is why
+//! it may use `unsafe` (STYLE 10). It must not know about batches or offsets.
+#![allow(unsafe_code)]
+
+use crate::limits::IO_ALIGN_BYTES;
+use std::alloc::Layout;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::ptr::NonNull;
+
+/// A write buffer owned by a backend, aligned for O_DIRECT.
+pub trait WriteBuf: 'static {
+    fn as_slice(&self) -> &[u8];
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+/// What the log needs from the disk. Every method may be asynchronous; a backend
+/// that completes synchronously returns ready futures.
+pub trait LogIo: Clone + 'static {
+    /// An open handle on one segment file, for writes.
+    type File: 'static;
+    /// A buffer the backend can write from without copying.
+    type Buf: WriteBuf;
+
+    /// A buffer of exactly `len` bytes (a multiple of [`IO_ALIGN_BYTES`]), aligned for
+    /// direct I/O. Its contents are unspecified; the log zeroes what it pads.
+    fn alloc(&self, len: usize) -> Self::Buf;
+
+    /// Opens an existing, preallocated segment file for writing.
+    fn open(&self, path: &Path) -> impl Future<Output = io::Result<Self::File>>;
+
+    /// Writes `buf[..len]` at file position `pos`, both aligned to [`IO_ALIGN_BYTES`].
+    /// A short write is an error.
+    fn write_at(
+        &self,
+        file: &Self::File,
+        buf: Self::Buf,
+        len: usize,
+        pos: u64,
+    ) -> impl Future<Output = io::Result<()>>;
+
+    /// Makes every completed write to `file` durable (fdatasync).
+    fn sync_data(&self, file: &Self::File) -> impl Future<Output = io::Result<()>>;
+}
+
+/// A zero-initialised heap buffer aligned to [`IO_ALIGN_BYTES`].
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        assert!(
+            len > 0 && len % IO_ALIGN_BYTES == 0,
+            "unaligned buffer length {len}"
+        );
+        let layout = Self::layout(len);
+        // SAFETY: `layout` has a non-zero size (asserted above) and a valid power-of-two
+        // alignment, which is all `alloc_zeroed` requires.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, IO_ALIGN_BYTES).expect("buffer layout")
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout and is freed
+        // only here, once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+impl WriteBuf for AlignedBuf {
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `len` initialised (zeroed at allocation) bytes owned
+        // by `self`; the shared borrow of `self` prevents concurrent mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and the unique borrow of `self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation, like a Box<[u8]>; nothing about it
+// is tied to the allocating thread.
+unsafe impl Send for AlignedBuf {}
+
+/// Whether [`StdIo`] opens files with O_DIRECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectIo {
+    /// O_DIRECT, falling back to buffered I/O where the filesystem refuses it (tmpfs).
+    Prefer,
+    /// Always buffered (page cache) writes.
+    Off,
+}
+
+/// Blocking backend: `pwrite` + `fdatasync` on the calling thread.
+#[derive(Debug, Clone, Copy)]
+pub struct StdIo {
+    pub direct: DirectIo,
+}
+
+impl Default for StdIo {
+    fn default() -> Self {
+        StdIo {
+            direct: DirectIo::Prefer,
+        }
+    }
+}
+
+impl StdIo {
+    fn open_sync(&self, path: &Path) -> io::Result<File> {
+        if self.direct == DirectIo::Prefer {
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(f) => return Ok(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        OpenOptions::new().write(true).open(path)
+    }
+}
+
+impl LogIo for StdIo {
+    type File = File;
+    type Buf = AlignedBuf;
+
+    fn alloc(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len)
+    }
+
+    fn open(&self, path: &Path) -> impl Future<Output = io::Result<File>> {
+        std::future::ready(self.open_sync(path))
+    }
+
+    fn write_at(
+        &self,
+        file: &File,
+        buf: AlignedBuf,
+        len: usize,
+        pos: u64,
+    ) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(file.write_all_at(&buf.as_slice()[..len], pos))
+    }
+
+    fn sync_data(&self, file: &File) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(file.sync_data())
+    }
+}
+
+/// Reserves `len` bytes of disk for `file` (and extends it to `len`), so appends
+/// never allocate blocks and a full disk shows up at segment creation.
+pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: fallocate reads no memory of ours; the fd is valid for the borrow of
+    // `file`.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // Filesystems without fallocate still get the right length.
+        return file.set_len(len as u64);
+    }
+    Err(err)
+}
+
+/// fsyncs a directory so a file created or removed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

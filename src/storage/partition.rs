@@ -1,0 +1,757 @@
+//! A partition: the ordered segments of one log. Owns offset assignment, rolling,
+//! fetches across segments, group-commit bookkeeping, durability watermarks, retention,
+//! fencing after I/O failure, and recovery on open.
+//!
+//! The partition never performs data I/O itself: [`Partition::begin_flush`] hands out
+//! a [`FlushJob`], the caller runs it on a [`LogIo`] backend (io_uring in the broker,
+//! blocking in tests), then reports back with [`Partition::complete_write`] and
+//! [`Partition::complete_sync`]. Between those calls the partition stays usable, so
+//! appends continue while a flush is in flight. Time comes in as arguments, so the
+//! whole state machine runs in plain unit tests.
+//!
+//! Offsets visible to readers stop at the *written* watermark: bytes whose write
+//! completed (they survive a process crash). The *durable* watermark trails it by the
+//! fdatasync. `Durability::Memory` acknowledges at the first, `Durability::Fsync` at
+//! the second.
+
+use crate::batch::{BatchError, BatchRef};
+use crate::limits;
+use crate::storage::io::LogIo;
+use crate::storage::segment::{self, Role, Segment, SegmentFlush};
+use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
+use crate::storage::StorageError;
+use crate::types::{Offset, TimestampMs};
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// When a produce is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the bytes are fdatasynced: survives a machine crash.
+    #[default]
+    Fsync,
+    /// After the write completed: survives a process crash, not a machine crash.
+    Memory,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fsync" => Ok(Durability::Fsync),
+            "memory" => Ok(Durability::Memory),
+            other => Err(format!("unknown durability {other:?} (fsync|memory)")),
+        }
+    }
+}
+
+/// How much of the log recovery validates on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryPolicy {
+    /// Validate each segment from its last index entry that checks out against the
+    /// log; rebuild the index from the start of the segment when none does.
+    #[default]
+    TailFromIndex,
+    /// Validate every batch of every segment and rebuild every index.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct PartitionConfig {
+    /// Roll when the active segment cannot take the next batch within this size.
+    pub segment_bytes: u64,
+    /// Roll when the active segment is older than this.
+    pub segment_ms: Option<u64>,
+    /// Delete the oldest segments while the rest still hold at least this much.
+    pub retention_bytes: Option<u64>,
+    /// Delete segments whose newest record is older than this.
+    pub retention_ms: Option<u64>,
+    /// Group commit: flush once this many bytes are pending ...
+    pub flush_bytes: u64,
+    /// ... or once the oldest pending byte waited this long.
+    pub flush_delay_us: u64,
+    pub recovery: RecoveryPolicy,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        PartitionConfig {
+            segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
+            segment_ms: None,
+            retention_bytes: None,
+            retention_ms: None,
+            flush_bytes: limits::FLUSH_BYTES_DEFAULT,
+            flush_delay_us: limits::FLUSH_DELAY_US_DEFAULT,
+            recovery: RecoveryPolicy::TailFromIndex,
+        }
+    }
+}
+
+impl PartitionConfig {
+    fn validate(&self) -> Result<u64, StorageError> {
+        if !(limits::SEGMENT_BYTES_MIN..=limits::SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return Err(StorageError::Config(format!(
+                "segment_bytes {} outside [{}, {}]",
+                self.segment_bytes,
+                limits::SEGMENT_BYTES_MIN,
+                limits::SEGMENT_BYTES_MAX
+            )));
+        }
+        let capacity = segment::align_up(self.segment_bytes);
+        Ok(capacity.min(segment::align_down(limits::SEGMENT_BYTES_MAX)))
+    }
+}
+
+/// Offsets given to an appended batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+}
+
+/// Batches read from the log: zero-copy slices of the segment maps.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    /// Whole batches, in offset order; one slice per segment touched.
+    pub chunks: Vec<Bytes>,
+    /// The offset to fetch next.
+    pub next_offset: Offset,
+    /// Offsets below this are readable (written).
+    pub high_watermark: Offset,
+    pub log_start: Offset,
+}
+
+impl Fetch {
+    pub fn bytes(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+}
+
+/// When the group-commit driver should flush next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushDue {
+    Idle,
+    Now,
+    At(Instant),
+}
+
+/// What recovery did on open. Also logged through `tracing`.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub next_offset: Offset,
+    pub batches_scanned: u64,
+    /// Torn or corrupt tail bytes cut from the active segment.
+    pub truncated_bytes: u64,
+    pub truncated_at: Option<(PathBuf, u64)>,
+    /// Zero padding cut from sealed segments that were not trimmed before a crash.
+    pub trimmed_bytes: u64,
+    pub indexes_rebuilt: Vec<PathBuf>,
+    /// Damage that recovery did not repair because it would drop sealed data.
+    pub corruptions: Vec<StorageError>,
+    pub removed_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+    pub new_log_start: Offset,
+}
+
+/// The chunks one flush writes, and the watermark it moves.
+pub struct FlushJob<B: LogIo> {
+    segments: Vec<SegmentFlush<B>>,
+    upto: Offset,
+    bytes: u64,
+}
+
+impl<B: LogIo> std::fmt::Debug for FlushJob<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlushJob")
+            .field("segments", &self.segments.len())
+            .field("upto", &self.upto)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl<B: LogIo> FlushJob<B> {
+    /// The offset that becomes written (then durable) when this job completes.
+    pub fn upto(&self) -> Offset {
+        self.upto
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes every chunk. Segments are written in log order, so a later segment
+    /// never holds data while an earlier one has a hole; within a segment up to
+    /// `FLUSH_WRITES_IN_FLIGHT_MAX` chunk writes are in flight at once.
+    pub async fn write(&mut self, io: &B) -> std::io::Result<()> {
+        for seg in &mut self.segments {
+            let file = seg.writer.file(io).await?;
+            let chunks = std::mem::take(&mut seg.chunks);
+            let file = &file;
+            stream::iter(chunks.into_iter().map(|mut c| {
+                let len = c.seal_for_write();
+                io.write_at(file, c.buf, len, c.pos)
+            }))
+            .buffer_unordered(limits::FLUSH_WRITES_IN_FLIGHT_MAX)
+            .try_collect::<Vec<()>>()
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs every segment this job wrote.
+    pub async fn sync(&self, io: &B) -> std::io::Result<()> {
+        for seg in &self.segments {
+            let file = seg.writer.file(io).await?;
+            io.sync_data(&file).await?;
+        }
+        Ok(())
+    }
+
+    fn first_path(&self) -> PathBuf {
+        self.segments
+            .first()
+            .map(|s| s.writer.path().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+pub struct Partition<B: LogIo> {
+    dir: PathBuf,
+    config: PartitionConfig,
+    capacity: u64,
+    io: B,
+    segments: VecDeque<Segment<B>>,
+    next_offset: Offset,
+    pending_bytes: u64,
+    pending_since: Option<Instant>,
+    flush_in_flight: bool,
+    fenced: Option<(&'static str, String)>,
+    appended: Watermark,
+    written: Watermark,
+    durable: Watermark,
+    kicks: Watermark,
+}
+
+impl<B: LogIo> std::fmt::Debug for Partition<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.len())
+            .field("next_offset", &self.next_offset)
+            .field("written", &self.written.get())
+            .field("durable", &self.durable.get())
+            .finish()
+    }
+}
+
+impl<B: LogIo> Partition<B> {
+    /// Opens (creating if needed) the partition stored in `dir` and recovers it.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        config: PartitionConfig,
+        io: B,
+        now: TimestampMs,
+    ) -> Result<(Self, RecoveryReport), StorageError> {
+        let dir = dir.as_ref().to_owned();
+        let capacity = config.validate()?;
+        std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("create dir", &dir, e))?;
+        let mut bases = Vec::new();
+        let mut others = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::io("list", &dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(base) = segment::parse_log_name(name) {
+                bases.push(base);
+            } else {
+                others.push(name.to_owned());
+            }
+        }
+        bases.sort();
+        let mut report = RecoveryReport::default();
+        // Index files whose log is gone (a crash during retention) are removed.
+        for name in others {
+            let stem = name
+                .strip_suffix(".index")
+                .or_else(|| name.strip_suffix(".timeindex"));
+            if let Some(base) = stem.and_then(|s| segment::parse_log_name(&format!("{s}.log"))) {
+                if bases.binary_search(&base).is_err() {
+                    let p = dir.join(&name);
+                    std::fs::remove_file(&p).map_err(|e| StorageError::io("remove", &p, e))?;
+                    report.removed_files.push(p);
+                }
+            }
+        }
+        let full = config.recovery == RecoveryPolicy::Full;
+        let mut segments = VecDeque::new();
+        if bases.is_empty() {
+            segments.push_back(Segment::create(&dir, Offset(0), capacity, now)?);
+        }
+        for (i, &base) in bases.iter().enumerate() {
+            let role = match bases.get(i + 1) {
+                Some(&next_base) => Role::Sealed { next_base },
+                None => Role::Active { capacity },
+            };
+            let (seg, rec) = Segment::open(&dir, base, role, full, &io, now)?;
+            report.batches_scanned += rec.batches_scanned;
+            report.trimmed_bytes += rec.trimmed_bytes;
+            if rec.truncated_bytes > 0 {
+                report.truncated_bytes += rec.truncated_bytes;
+                report.truncated_at = rec.truncated_at.map(|p| (seg.path.clone(), p));
+            }
+            if rec.index_rebuilt {
+                report.indexes_rebuilt.push(seg.path.clone());
+            }
+            report.corruptions.extend(rec.corruption);
+            segments.push_back(seg);
+        }
+        let next_offset = segments.back().expect("at least one segment").next_offset;
+        report.segments = segments.len();
+        report.next_offset = next_offset;
+        tracing::info!(
+            dir = %dir.display(), segments = report.segments, next_offset = %next_offset,
+            truncated_bytes = report.truncated_bytes, indexes_rebuilt = report.indexes_rebuilt.len(),
+            corruptions = report.corruptions.len(), "partition recovered"
+        );
+        let p = Partition {
+            dir,
+            config,
+            capacity,
+            io,
+            segments,
+            next_offset,
+            pending_bytes: 0,
+            pending_since: None,
+            flush_in_flight: false,
+            fenced: None,
+            appended: Watermark::new(next_offset.0),
+            written: Watermark::new(next_offset.0),
+            durable: Watermark::new(next_offset.0),
+            kicks: Watermark::new(0),
+        };
+        Ok((p, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    pub fn io(&self) -> &B {
+        &self.io
+    }
+
+    /// The offset the next appended record gets.
+    pub fn next_offset(&self) -> Offset {
+        self.next_offset
+    }
+
+    /// Offsets below this are written and readable.
+    pub fn written_offset(&self) -> Offset {
+        Offset(self.written.get())
+    }
+
+    /// Offsets below this are fdatasynced.
+    pub fn durable_offset(&self) -> Offset {
+        Offset(self.durable.get())
+    }
+
+    /// The first offset still in the log.
+    pub fn log_start(&self) -> Offset {
+        self.segments.front().expect("at least one segment").base
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Bytes in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<Offset> {
+        self.segments.iter().map(|s| s.base).collect()
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.is_some()
+    }
+
+    fn fenced_error(&self) -> Option<StorageError> {
+        self.fenced
+            .as_ref()
+            .map(|(op, reason)| StorageError::Fenced {
+                op,
+                reason: reason.clone(),
+            })
+    }
+
+    /// Validates one record batch (all of `batch`), assigns its offsets, and copies
+    /// it once into the active segment's staging buffer. The batch becomes readable
+    /// once a flush writes it.
+    pub fn append(
+        &mut self,
+        batch: &[u8],
+        now: Instant,
+        wall: TimestampMs,
+    ) -> Result<Appended, StorageError> {
+        if let Some(e) = self.fenced_error() {
+            return Err(e);
+        }
+        let b = BatchRef::parse_full(batch)?;
+        if b.len() != batch.len() {
+            return Err(BatchError::TrailingBytes {
+                end: b.len(),
+                len: batch.len(),
+            }
+            .into());
+        }
+        let len = b.len() as u64;
+        if len > self.capacity {
+            return Err(StorageError::BatchTooLarge {
+                len: b.len(),
+                segment_bytes: self.capacity,
+            });
+        }
+        let span = u64::from(b.header().last_offset_delta.get()) + 1;
+        let active = self.segments.back().expect("at least one segment");
+        let too_old = self.config.segment_ms.is_some_and(|ms| {
+            !active.is_empty() && wall.0.saturating_sub(active.created.0) >= ms as i64
+        });
+        let offsets_full = self.next_offset.0 - active.base.0 + span > u64::from(u32::MAX);
+        if active.room() < len || too_old || offsets_full {
+            self.roll(wall)?;
+        }
+        let base = self.next_offset;
+        let io = &self.io;
+        let active = self.segments.back_mut().expect("at least one segment");
+        active.append(io, &b, base);
+        self.next_offset = active.next_offset;
+        assert_eq!(self.next_offset, base.plus(span));
+        let before = self.pending_bytes;
+        self.pending_bytes += len;
+        self.pending_since.get_or_insert(now);
+        self.appended.advance(self.next_offset.0);
+        if before < self.config.flush_bytes && self.pending_bytes >= self.config.flush_bytes {
+            self.kicks.advance(self.kicks.get() + 1);
+        }
+        Ok(Appended {
+            base_offset: base,
+            last_offset: Offset(self.next_offset.0 - 1),
+        })
+    }
+
+    /// Seals the active segment and starts a new one at the next offset.
+    pub fn roll(&mut self, wall: TimestampMs) -> Result<(), StorageError> {
+        if self.segments.back().is_some_and(Segment::is_empty) {
+            return Ok(());
+        }
+        let seg = Segment::create(&self.dir, self.next_offset, self.capacity, wall)?;
+        self.segments
+            .back_mut()
+            .expect("at least one segment")
+            .seal();
+        self.segments.push_back(seg);
+        Ok(())
+    }
+
+    /// When the group-commit driver should flush.
+    pub fn flush_due(&self, now: Instant) -> FlushDue {
+        if self.fenced.is_some() || self.pending_bytes == 0 {
+            return FlushDue::Idle;
+        }
+        if self.pending_bytes >= self.config.flush_bytes {
+            return FlushDue::Now;
+        }
+        let since = self.pending_since.unwrap_or(now);
+        let at = since + Duration::from_micros(self.config.flush_delay_us);
+        if at <= now {
+            FlushDue::Now
+        } else {
+            FlushDue::At(at)
+        }
+    }
+
+    /// Takes every staged byte into a flush job, unless a job is already in flight
+    /// (jobs run one at a time, so writes of the same block never race).
+    pub fn begin_flush(&mut self) -> Option<FlushJob<B>> {
+        if self.fenced.is_some() || self.flush_in_flight {
+            return None;
+        }
+        let io = &self.io;
+        let segments: Vec<_> = self
+            .segments
+            .iter_mut()
+            .filter_map(|s| s.take_unflushed(io))
+            .collect();
+        if segments.is_empty() {
+            return None;
+        }
+        self.flush_in_flight = true;
+        let bytes = self.pending_bytes;
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        Some(FlushJob {
+            segments,
+            upto: self.next_offset,
+            bytes,
+        })
+    }
+
+    /// Reports the outcome of [`FlushJob::write`]. On success the written
+    /// watermark advances and `Memory` producers are acknowledged; on failure the
+    /// partition is fenced.
+    pub fn complete_write(
+        &mut self,
+        job: &FlushJob<B>,
+        result: std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        assert!(self.flush_in_flight, "complete_write without a flush");
+        if let Err(e) = result {
+            return Err(self.fence("write", &job.first_path(), e));
+        }
+        for sf in &job.segments {
+            let seg = self
+                .segments
+                .iter_mut()
+                .find(|s| s.base == sf.base)
+                .expect("a segment being flushed is never deleted");
+            if let Err(e) = seg.mark_written(sf.upto_len, sf.upto_next) {
+                let reason = e.to_string();
+                return Err(self.fence_with("index write", reason));
+            }
+        }
+        self.written.advance(job.upto.0);
+        Ok(())
+    }
+
+    /// Reports the outcome of [`FlushJob::sync`]: advances the durable watermark
+    /// (acknowledging `Fsync` producers) and trims sealed segments that are done.
+    pub fn complete_sync(
+        &mut self,
+        job: &FlushJob<B>,
+        result: std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        assert!(self.flush_in_flight, "complete_sync without a flush");
+        self.flush_in_flight = false;
+        if let Err(e) = result {
+            // Never retry an fsync: the kernel may have dropped the dirty pages.
+            return Err(self.fence("fdatasync", &job.first_path(), e));
+        }
+        assert!(job.upto.0 <= self.written.get(), "sync ahead of write");
+        self.durable.advance(job.upto.0);
+        for seg in self.segments.iter_mut() {
+            if seg.state == (segment::SegmentState::Sealed { trimmed: false })
+                && seg.fully_written()
+            {
+                if let Err(e) = seg.trim() {
+                    let reason = e.to_string();
+                    return Err(self.fence_with("truncate", reason));
+                }
+            }
+        }
+        if self.pending_bytes >= self.config.flush_bytes {
+            self.kicks.advance(self.kicks.get() + 1);
+        }
+        Ok(())
+    }
+
+    fn fence(&mut self, op: &'static str, path: &Path, e: std::io::Error) -> StorageError {
+        let reason = format!("{}: {e}", path.display());
+        self.fence_with(op, reason)
+    }
+
+    fn fence_with(&mut self, op: &'static str, reason: String) -> StorageError {
+        tracing::error!(dir = %self.dir.display(), op, %reason, "partition fenced");
+        self.flush_in_flight = false;
+        let why = WaitFailed(format!("partition fenced after a failed {op}: {reason}").into());
+        self.written.fail(why.clone());
+        self.durable.fail(why);
+        self.fenced = Some((op, reason.clone()));
+        StorageError::Fenced { op, reason }
+    }
+
+    /// Writes and syncs everything appended so far. Holds `&mut self` across the
+    /// I/O; drivers that keep appending during a flush use `begin_flush` and the
+    /// `complete_*` calls instead (see [`flush_shared`]).
+    pub async fn flush(&mut self) -> Result<(), StorageError> {
+        if let Some(e) = self.fenced_error() {
+            return Err(e);
+        }
+        let Some(mut job) = self.begin_flush() else {
+            return Ok(());
+        };
+        let io = self.io.clone();
+        let r = job.write(&io).await;
+        self.complete_write(&job, r)?;
+        let r = job.sync(&io).await;
+        self.complete_sync(&job, r)
+    }
+
+    /// [`Partition::flush`] for backends whose futures complete synchronously
+    /// ([`crate::storage::StdIo`]). Never call it inside an async runtime.
+    pub fn flush_blocking(&mut self) -> Result<(), StorageError> {
+        futures_lite::future::block_on(self.flush())
+    }
+
+    /// Resolves when `last_offset` is acknowledged at `durability`, or fails if the
+    /// partition is fenced first.
+    pub fn wait_for(&self, last_offset: Offset, durability: Durability) -> WaitFor {
+        let mark = match durability {
+            Durability::Fsync => &self.durable,
+            Durability::Memory => &self.written,
+        };
+        mark.wait_for(last_offset.0 + 1)
+    }
+
+    pub fn written_watch(&self) -> Watermark {
+        self.written.clone()
+    }
+
+    pub fn durable_watch(&self) -> Watermark {
+        self.durable.clone()
+    }
+
+    /// Advances to `next_offset` on every append (for long-polling and the driver).
+    pub fn appended_watch(&self) -> Watermark {
+        self.appended.clone()
+    }
+
+    /// Bumped whenever pending bytes cross `flush_bytes`.
+    pub fn flush_kick_watch(&self) -> Watermark {
+        self.kicks.clone()
+    }
+
+    /// Reads whole batches from `from` (which must lie in `[log_start, high
+    /// watermark]`) up to about `max_bytes`, crossing segment boundaries. The first
+    /// batch is returned even when it alone exceeds `max_bytes`, so a consumer can
+    /// always make progress.
+    pub fn read(&self, from: Offset, max_bytes: usize) -> Result<Fetch, StorageError> {
+        let hw = self.written_offset();
+        let start = self.log_start();
+        if from < start || from > hw {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: from,
+                start,
+                end: hw,
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut cur = from;
+        let mut budget = max_bytes;
+        let first = self
+            .segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1);
+        for seg in self.segments.iter().skip(first) {
+            if cur >= hw {
+                break;
+            }
+            cur = cur.max(seg.base);
+            let Some((bytes, next)) = seg.read(cur, budget, chunks.is_empty())? else {
+                continue;
+            };
+            if bytes.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(bytes.len());
+            chunks.push(bytes);
+            cur = next;
+            if next < seg.written_next || budget == 0 {
+                break;
+            }
+        }
+        Ok(Fetch {
+            chunks,
+            next_offset: cur,
+            high_watermark: hw,
+            log_start: start,
+        })
+    }
+
+    /// The first offset whose batch carries a timestamp at or after `ts`.
+    pub fn offset_for_timestamp(&self, ts: TimestampMs) -> Result<Option<Offset>, StorageError> {
+        for seg in &self.segments {
+            if let Some(o) = seg.offset_for_timestamp(ts)? {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the oldest sealed, fully written segments while the retention limits
+    /// say so. Never deletes the active segment.
+    pub fn apply_retention(&mut self, now: TimestampMs) -> Result<RetentionReport, StorageError> {
+        let mut report = RetentionReport::default();
+        let mut total = self.size_bytes();
+        while self.segments.len() > 1 {
+            let oldest = self.segments.front().expect("len > 1");
+            if oldest.state != (segment::SegmentState::Sealed { trimmed: true }) {
+                break;
+            }
+            let by_bytes = self
+                .config
+                .retention_bytes
+                .is_some_and(|r| total - oldest.len >= r);
+            let by_age = self.config.retention_ms.is_some_and(|ms| {
+                oldest
+                    .max_timestamp
+                    .is_none_or(|m| now.0.saturating_sub(m.0) > ms as i64)
+            });
+            if !(by_bytes || by_age) {
+                break;
+            }
+            oldest.delete_files()?;
+            total -= oldest.len;
+            report.segments_deleted += 1;
+            report.bytes_deleted += oldest.len;
+            tracing::info!(segment = %oldest.path.display(), by_bytes, by_age, "retention deleted segment");
+            self.segments.pop_front();
+        }
+        if report.segments_deleted > 0 {
+            crate::storage::io::sync_dir(&self.dir)
+                .map_err(|e| StorageError::io("fsync dir", &self.dir, e))?;
+        }
+        report.new_log_start = self.log_start();
+        Ok(report)
+    }
+
+    /// Number of index entries in each segment (for tests and `segdump`).
+    pub fn index_entries(&self) -> Vec<usize> {
+        self.segments.iter().map(|s| s.index_entries()).collect()
+    }
+}
+
+/// Runs one flush on a partition shared with appenders: the partition is borrowed
+/// only between I/O steps, never across an await. Returns whether anything was
+/// flushed.
+pub async fn flush_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
+    let job = part.borrow_mut().begin_flush();
+    let Some(mut job) = job else {
+        return Ok(false);
+    };
+    let io = part.borrow().io.clone();
+    let r = job.write(&io).await;
+    part.borrow_mut().complete_write(&job, r)?;
+    let r = job.sync(&io).await;
+    part.borrow_mut().complete_sync(&job, r)?;
+    Ok(true)
+}

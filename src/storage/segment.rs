@@ -1,0 +1,940 @@
+//! One segment: a preallocated `<base offset, 20 digits>.log` file with its sparse
+//! `.index` and `.timeindex`. Owns appending into staging chunks, handing written
+//! chunks to a flush, zero-copy reads, and the recovery scan of one file.
+//!
+//! It does not decide when to roll, flush or delete; the partition does.
+//!
+//! Write path: an append copies the batch once into a page-aligned staging chunk
+//! (1 MiB). A flush takes the filled chunks and writes them with O_DIRECT through the
+//! [`LogIo`] backend; the last partial 4 KiB block is carried into the next chunk (a
+//! copy of at most 4 KiB) and written again next time with more bytes behind it.
+//! Read path: `Bytes` slices of a read-only map of the whole preallocated file,
+//! limited to the bytes whose write has completed.
+
+use crate::batch::{self, BatchRef, HEADER_LEN};
+use crate::limits::{INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_CHUNK_BYTES};
+use crate::storage::index::{self, IndexEntry, TimeEntry};
+use crate::storage::io::{self as sio, LogIo, WriteBuf};
+use crate::storage::mmap::map_readonly;
+use crate::storage::StorageError;
+use crate::types::{Offset, TimestampMs};
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+pub fn log_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(format!("{:020}.log", base.0))
+}
+
+pub fn index_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(format!("{:020}.index", base.0))
+}
+
+pub fn time_index_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(format!("{:020}.timeindex", base.0))
+}
+
+/// The base offset named by a `.log` file name, if it is one.
+pub fn parse_log_name(name: &str) -> Option<Offset> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Offset)
+}
+
+pub(crate) fn align_down(v: u64) -> u64 {
+    v / IO_ALIGN_BYTES as u64 * IO_ALIGN_BYTES as u64
+}
+
+pub(crate) fn align_up(v: u64) -> u64 {
+    v.div_ceil(IO_ALIGN_BYTES as u64) * IO_ALIGN_BYTES as u64
+}
+
+/// What one valid batch found by a scan looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo {
+    pub position: u64,
+    pub len: u32,
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+    pub record_count: u32,
+    pub first_timestamp: TimestampMs,
+    pub max_timestamp: TimestampMs,
+    pub crc: u32,
+}
+
+/// Why a scan stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanStop {
+    /// Reached the end of the bytes exactly at a batch boundary.
+    End,
+    /// Found an all-zero header: the unwritten, preallocated part of a segment.
+    Zeros,
+    /// Found bytes that are not a valid batch.
+    Invalid(batch::BatchError),
+    /// Found a valid batch whose base offset is not the one expected.
+    OffsetGap { expected: Offset, found: Offset },
+}
+
+/// Result of [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// Position just past the last valid batch.
+    pub end: u64,
+    /// The offset after the last valid batch (the expected one if there was none).
+    pub next_offset: Option<Offset>,
+    pub stop: ScanStop,
+    pub batches: u64,
+}
+
+/// Walks batches from `start`, checking each header and CRC, and that base offsets
+/// continue from `expected` (when given). Never panics on any input: this is the
+/// parser the `segment_parser` fuzz target drives.
+pub fn scan(
+    bytes: &[u8],
+    start: u64,
+    expected: Option<Offset>,
+    mut each: impl FnMut(&BatchInfo),
+) -> Scan {
+    let mut pos = usize::try_from(start)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let mut next = expected;
+    let mut batches = 0;
+    let stop = loop {
+        let rest = &bytes[pos..];
+        if rest.is_empty() {
+            break ScanStop::End;
+        }
+        let head = &rest[..rest.len().min(HEADER_LEN)];
+        if head.iter().all(|&b| b == 0) {
+            break ScanStop::Zeros;
+        }
+        let b = match BatchRef::parse(rest) {
+            Ok(b) => b,
+            Err(e) => break ScanStop::Invalid(e),
+        };
+        if let Some(exp) = next {
+            if b.base_offset() != exp {
+                break ScanStop::OffsetGap {
+                    expected: exp,
+                    found: b.base_offset(),
+                };
+            }
+        }
+        let h = b.header();
+        let Some(last) = b
+            .base_offset()
+            .0
+            .checked_add(u64::from(h.last_offset_delta.get()))
+        else {
+            break ScanStop::Invalid(batch::BatchError::BadLength {
+                len: 0,
+                min: 0,
+                max: 0,
+            });
+        };
+        let info = BatchInfo {
+            position: pos as u64,
+            len: b.len() as u32,
+            base_offset: b.base_offset(),
+            last_offset: Offset(last),
+            record_count: b.record_count(),
+            first_timestamp: b.first_timestamp(),
+            max_timestamp: b.max_timestamp(),
+            crc: h.crc.get(),
+        };
+        each(&info);
+        batches += 1;
+        let Some(n) = last.checked_add(1) else {
+            break ScanStop::Invalid(batch::BatchError::BadLength {
+                len: 0,
+                min: 0,
+                max: 0,
+            });
+        };
+        next = Some(Offset(n));
+        pos += b.len();
+    };
+    Scan {
+        end: pos as u64,
+        next_offset: next,
+        stop,
+        batches,
+    }
+}
+
+/// Position just past the last non-zero byte of `bytes`, or 0.
+pub(crate) fn nonzero_end(bytes: &[u8]) -> usize {
+    let mut end = bytes.len();
+    for chunk in bytes.rchunks(64 * 1024) {
+        if chunk.iter().all(|&b| b == 0) {
+            end -= chunk.len();
+            continue;
+        }
+        let last = chunk.iter().rposition(|&b| b != 0).expect("non-zero byte");
+        return end - chunk.len() + last + 1;
+    }
+    0
+}
+
+/// The backend's write handle for a segment, opened on first write (opening may be
+/// asynchronous, so it happens inside a flush job, never inside `append`).
+pub(crate) struct SegmentWriter<B: LogIo> {
+    path: PathBuf,
+    file: RefCell<Option<Rc<B::File>>>,
+}
+
+impl<B: LogIo> SegmentWriter<B> {
+    pub(crate) async fn file(&self, io: &B) -> std::io::Result<Rc<B::File>> {
+        if let Some(f) = self.file.borrow().as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Rc::new(io.open(&self.path).await?);
+        *self.file.borrow_mut() = Some(f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn close(&self) {
+        self.file.borrow_mut().take();
+    }
+}
+
+/// A page-aligned staging buffer covering file bytes `[pos, pos + filled)`.
+pub(crate) struct Chunk<Buf> {
+    pub(crate) buf: Buf,
+    pub(crate) pos: u64,
+    pub(crate) filled: usize,
+}
+
+impl<Buf: WriteBuf> Chunk<Buf> {
+    fn room(&self) -> usize {
+        self.buf.as_slice().len() - self.filled
+    }
+
+    /// Zeroes the padding up to the next block boundary and returns the write length.
+    pub(crate) fn seal_for_write(&mut self) -> usize {
+        let len = align_up(self.filled as u64) as usize;
+        self.buf.as_mut_slice()[self.filled..len].fill(0);
+        len
+    }
+}
+
+/// The chunks of one segment that a flush job writes.
+pub(crate) struct SegmentFlush<B: LogIo> {
+    pub(crate) base: Offset,
+    pub(crate) writer: Rc<SegmentWriter<B>>,
+    pub(crate) chunks: Vec<Chunk<B::Buf>>,
+    pub(crate) upto_len: u64,
+    pub(crate) upto_next: Offset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SegmentState {
+    Active,
+    /// No more appends; `trimmed` once the file was cut to its real length.
+    Sealed {
+        trimmed: bool,
+    },
+}
+
+pub(crate) struct Segment<B: LogIo> {
+    pub(crate) base: Offset,
+    pub(crate) path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    index_file: File,
+    time_file: File,
+    map: Bytes,
+    /// Preallocated file length (active) or real length (sealed).
+    pub(crate) capacity: u64,
+    pub(crate) state: SegmentState,
+    /// Bytes appended (staged or written).
+    pub(crate) len: u64,
+    pub(crate) next_offset: Offset,
+    /// Bytes whose write completed: readers see up to here.
+    pub(crate) written_len: u64,
+    pub(crate) written_next: Offset,
+    /// Bytes handed to a flush job.
+    flush_issued_len: u64,
+    index: Vec<IndexEntry>,
+    index_persisted: usize,
+    time_index: Vec<TimeEntry>,
+    time_persisted: usize,
+    pub(crate) max_timestamp: Option<TimestampMs>,
+    pub(crate) created: TimestampMs,
+    last_batch_rel: Option<u32>,
+    writer: Rc<SegmentWriter<B>>,
+    staging: Option<Chunk<B::Buf>>,
+    ready: Vec<Chunk<B::Buf>>,
+}
+
+impl<B: LogIo> std::fmt::Debug for Segment<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("next_offset", &self.next_offset)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// How a segment is opened by recovery.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Role {
+    /// Not the last segment: the next segment starts at `next_base`.
+    Sealed { next_base: Offset },
+    /// The last segment, which takes appends; preallocate it to `capacity`.
+    Active { capacity: u64 },
+}
+
+/// What recovery did to one segment.
+#[derive(Debug, Default)]
+pub(crate) struct SegmentRecovery {
+    pub(crate) truncated_bytes: u64,
+    pub(crate) truncated_at: Option<u64>,
+    pub(crate) trimmed_bytes: u64,
+    pub(crate) index_rebuilt: bool,
+    pub(crate) corruption: Option<StorageError>,
+    pub(crate) batches_scanned: u64,
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StorageError::io("open", path, e))
+}
+
+impl<B: LogIo> Segment<B> {
+    /// Creates a new, empty, preallocated segment.
+    pub(crate) fn create(
+        dir: &Path,
+        base: Offset,
+        capacity: u64,
+        now: TimestampMs,
+    ) -> Result<Self, StorageError> {
+        let path = log_path(dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| StorageError::io("create", &path, e))?;
+        sio::preallocate(&file, capacity).map_err(|e| StorageError::io("fallocate", &path, e))?;
+        let index_file = open_rw(&index_path(dir, base), true)?;
+        let time_file = open_rw(&time_index_path(dir, base), true)?;
+        index_file
+            .set_len(0)
+            .map_err(|e| StorageError::io("truncate", index_path(dir, base), e))?;
+        time_file
+            .set_len(0)
+            .map_err(|e| StorageError::io("truncate", time_index_path(dir, base), e))?;
+        sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
+        let map = map_readonly(&file, capacity).map_err(|e| StorageError::io("mmap", &path, e))?;
+        Ok(Self::assemble(
+            dir, base, path, file, index_file, time_file, map, capacity, now,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: &Path,
+        base: Offset,
+        path: PathBuf,
+        file: File,
+        index_file: File,
+        time_file: File,
+        map: Bytes,
+        capacity: u64,
+        now: TimestampMs,
+    ) -> Self {
+        Segment {
+            base,
+            dir: dir.to_owned(),
+            writer: Rc::new(SegmentWriter {
+                path: path.clone(),
+                file: RefCell::new(None),
+            }),
+            path,
+            file,
+            index_file,
+            time_file,
+            map,
+            capacity,
+            state: SegmentState::Active,
+            len: 0,
+            next_offset: base,
+            written_len: 0,
+            written_next: base,
+            flush_issued_len: 0,
+            index: Vec::new(),
+            index_persisted: 0,
+            time_index: Vec::new(),
+            time_persisted: 0,
+            max_timestamp: None,
+            created: now,
+            last_batch_rel: None,
+            staging: None,
+            ready: Vec::new(),
+        }
+    }
+
+    /// Opens an existing segment and recovers it (see `docs/FORMAT.md`, "Recovery"):
+    /// validate from the last index entry that checks out against the log (or from
+    /// the start, rebuilding the indexes, when none does or `full` is set), then
+    /// truncate a torn tail (active) or trim an untrimmed one (sealed).
+    pub(crate) fn open(
+        dir: &Path,
+        base: Offset,
+        role: Role,
+        full: bool,
+        io: &B,
+        now: TimestampMs,
+    ) -> Result<(Self, SegmentRecovery), StorageError> {
+        let path = log_path(dir, base);
+        let file = open_rw(&path, false)?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| StorageError::io("stat", &path, e))?
+            .len();
+        let scan_map =
+            map_readonly(&file, file_len).map_err(|e| StorageError::io("mmap", &path, e))?;
+        let mut rec = SegmentRecovery::default();
+
+        let read_opt = |p: PathBuf| match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("read", p, e)),
+        };
+        let index_bytes = read_opt(index_path(dir, base))?;
+        let time_bytes = read_opt(time_index_path(dir, base))?;
+        let on_disk_index = index_bytes
+            .as_deref()
+            .and_then(|b| index::decode_index(b, file_len));
+        let on_disk_time = time_bytes
+            .as_deref()
+            .and_then(|b| index::decode_time_index(b, u32::MAX));
+
+        let index_file = open_rw(&index_path(dir, base), true)?;
+        let time_file = open_rw(&time_index_path(dir, base), true)?;
+        let mut seg = Self::assemble(
+            dir,
+            base,
+            path.clone(),
+            file,
+            index_file,
+            time_file,
+            Bytes::new(),
+            file_len,
+            now,
+        );
+
+        // Where to start validating.
+        let mut start = (0u64, base);
+        let trusted = match (&on_disk_index, &on_disk_time) {
+            (Some(ix), Some(tx)) if !full && !ix.is_empty() => {
+                let last = *ix.last().expect("non-empty");
+                let at = &scan_map[last.position as usize..];
+                let expect = base.plus(u64::from(last.relative_offset));
+                match BatchRef::parse(at) {
+                    Ok(b) if b.base_offset() == expect => {
+                        start = (u64::from(last.position), expect);
+                        seg.index = ix.clone();
+                        seg.time_index = tx
+                            .iter()
+                            .copied()
+                            .take_while(|t| t.relative_offset <= last.relative_offset)
+                            .collect();
+                        seg.max_timestamp = seg.time_index.last().map(|t| t.max_timestamp);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        rec.index_rebuilt = !trusted;
+        if !trusted && !full {
+            tracing::warn!(segment = %path.display(), "index missing or damaged; rebuilding from the log");
+        }
+
+        // Scan; `note_batch` rebuilds index entries past the trusted point.
+        let mut infos = Vec::new();
+        let scanned = scan(&scan_map, start.0, Some(start.1), |b| infos.push(*b));
+        for b in &infos {
+            seg.note_batch(b.position, b.base_offset, b.last_offset, b.max_timestamp);
+        }
+        rec.batches_scanned = scanned.batches;
+        let end = scanned.end;
+        let next = scanned.next_offset.unwrap_or(start.1);
+        let garbage_end = end as usize + nonzero_end(&scan_map[end as usize..]);
+        drop(scan_map);
+
+        let (len, next_offset, capacity) = match role {
+            Role::Active { capacity } => {
+                let capacity = capacity.max(align_up(end));
+                if garbage_end as u64 > end {
+                    rec.truncated_bytes = garbage_end as u64 - end;
+                    rec.truncated_at = Some(end);
+                    tracing::warn!(
+                        segment = %path.display(), position = end, bytes = rec.truncated_bytes,
+                        reason = ?scanned.stop, "truncated a torn or corrupt tail"
+                    );
+                }
+                if garbage_end as u64 > end || file_len != capacity {
+                    // Cut at the last valid batch, then preallocate again: the new
+                    // blocks read as zeros, so stale bytes can never resurface as data.
+                    seg.file
+                        .set_len(end)
+                        .map_err(|e| StorageError::io("truncate", &path, e))?;
+                    sio::preallocate(&seg.file, capacity)
+                        .map_err(|e| StorageError::io("fallocate", &path, e))?;
+                    seg.file
+                        .sync_all()
+                        .map_err(|e| StorageError::io("fsync", &path, e))?;
+                }
+                (end, next, capacity)
+            }
+            Role::Sealed { next_base } => {
+                if garbage_end as u64 > end {
+                    let err = match scanned.stop.clone() {
+                        ScanStop::Invalid(e) => StorageError::at(&path, end, e),
+                        ScanStop::OffsetGap { expected, found } => StorageError::OffsetGap {
+                            segment: path.clone(),
+                            position: end,
+                            expected,
+                            found,
+                        },
+                        ScanStop::End | ScanStop::Zeros => StorageError::CorruptBatch {
+                            segment: path.clone(),
+                            position: end,
+                            source: batch::BatchError::Truncated {
+                                needed: HEADER_LEN,
+                                available: 0,
+                            },
+                        },
+                    };
+                    tracing::error!(segment = %path.display(), error = %err, "corrupt sealed segment; keeping its bytes");
+                    rec.corruption = Some(err);
+                    (file_len, next_base, file_len)
+                } else {
+                    if file_len > end {
+                        rec.trimmed_bytes = file_len - end;
+                        seg.file
+                            .set_len(end)
+                            .map_err(|e| StorageError::io("truncate", &path, e))?;
+                    }
+                    if next != next_base {
+                        let err = StorageError::OffsetGap {
+                            segment: path.clone(),
+                            position: end,
+                            expected: next,
+                            found: next_base,
+                        };
+                        tracing::error!(error = %err, "offsets missing between segments");
+                        rec.corruption = Some(err);
+                    }
+                    (end, next, end)
+                }
+            }
+        };
+        seg.capacity = capacity;
+        seg.len = len;
+        seg.flush_issued_len = len;
+        seg.written_len = len;
+        seg.next_offset = next_offset;
+        seg.written_next = next_offset;
+        seg.map =
+            map_readonly(&seg.file, capacity).map_err(|e| StorageError::io("mmap", &path, e))?;
+        if let Some(b) = infos.last() {
+            seg.last_batch_rel = Some(seg.rel(b.base_offset));
+        }
+
+        // Persist the index as recovered (rewrite only what changed).
+        let keep_index = on_disk_index
+            .as_ref()
+            .is_some_and(|ix| trusted && ix.len() == seg.index.len());
+        let keep_time = on_disk_time
+            .as_ref()
+            .is_some_and(|t| trusted && t.len() == seg.time_index.len());
+        seg.index_persisted = if keep_index { seg.index.len() } else { 0 };
+        seg.time_persisted = if keep_time { seg.time_index.len() } else { 0 };
+        if !keep_index {
+            seg.index_file
+                .set_len(0)
+                .map_err(|e| StorageError::io("truncate", index_path(dir, base), e))?;
+        }
+        if !keep_time {
+            seg.time_file
+                .set_len(0)
+                .map_err(|e| StorageError::io("truncate", time_index_path(dir, base), e))?;
+        }
+        match role {
+            Role::Sealed { .. } => {
+                seg.state = SegmentState::Sealed { trimmed: true };
+                seg.push_final_time_entry();
+            }
+            Role::Active { .. } => {
+                if len % IO_ALIGN_BYTES as u64 != 0 {
+                    // Carry the partial last block so the next O_DIRECT write can
+                    // rewrite it whole.
+                    let pos = align_down(len);
+                    let mut chunk = seg.new_chunk(io, pos);
+                    let n = (len - pos) as usize;
+                    chunk.buf.as_mut_slice()[..n]
+                        .copy_from_slice(&seg.map[pos as usize..len as usize]);
+                    chunk.filled = n;
+                    seg.staging = Some(chunk);
+                }
+            }
+        }
+        seg.persist_index(len, next_offset)?;
+        Ok((seg, rec))
+    }
+
+    fn rel(&self, offset: Offset) -> u32 {
+        u32::try_from(offset.0 - self.base.0).expect("relative offset fits u32 (rolled before)")
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.state == SegmentState::Active
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records a batch at `position` in the sparse indexes.
+    fn note_batch(&mut self, position: u64, base: Offset, last: Offset, max_ts: TimestampMs) {
+        let rel = self.rel(base);
+        // Relative offsets of the last record must fit too.
+        let _ = self.rel(last);
+        self.max_timestamp = Some(self.max_timestamp.map_or(max_ts, |m| m.max(max_ts)));
+        self.last_batch_rel = Some(rel);
+        let due = self
+            .index
+            .last()
+            .is_none_or(|e| position >= u64::from(e.position) + INDEX_INTERVAL_BYTES);
+        if !due {
+            return;
+        }
+        let position = u32::try_from(position).expect("segment position fits u32");
+        self.index.push(IndexEntry {
+            relative_offset: rel,
+            position,
+        });
+        let max = self.max_timestamp.expect("set above");
+        if self.time_index.last().is_none_or(|t| max > t.max_timestamp) {
+            self.time_index.push(TimeEntry {
+                max_timestamp: max,
+                relative_offset: rel,
+            });
+        }
+    }
+
+    fn push_final_time_entry(&mut self) {
+        if let (Some(max), Some(rel)) = (self.max_timestamp, self.last_batch_rel) {
+            if self
+                .time_index
+                .last()
+                .is_none_or(|t| max > t.max_timestamp && rel > t.relative_offset)
+            {
+                self.time_index.push(TimeEntry {
+                    max_timestamp: max,
+                    relative_offset: rel,
+                });
+            }
+        }
+    }
+
+    fn new_chunk(&self, io: &B, pos: u64) -> Chunk<B::Buf> {
+        assert_eq!(
+            pos % IO_ALIGN_BYTES as u64,
+            0,
+            "chunk start must be aligned"
+        );
+        assert!(pos < self.capacity, "chunk past segment capacity");
+        let size = (STAGING_CHUNK_BYTES as u64).min(self.capacity - pos) as usize;
+        Chunk {
+            buf: io.alloc(size),
+            pos,
+            filled: 0,
+        }
+    }
+
+    /// Room left for appends.
+    pub(crate) fn room(&self) -> u64 {
+        self.capacity - self.len
+    }
+
+    /// Appends a validated batch, stamping `base` into the copy. The caller checked
+    /// that the batch fits and that this segment is active.
+    pub(crate) fn append(&mut self, io: &B, batch: &BatchRef<'_>, base: Offset) {
+        assert!(self.is_active(), "append to a sealed segment");
+        assert_eq!(base, self.next_offset, "offsets must be contiguous");
+        let bytes = batch.as_bytes();
+        assert!(bytes.len() as u64 <= self.room(), "batch does not fit");
+        let last = base.plus(u64::from(batch.header().last_offset_delta.get()));
+        self.note_batch(self.len, base, last, batch.max_timestamp());
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&bytes[..HEADER_LEN]);
+        batch::stamp_base_offset(&mut header, base);
+        self.copy_in(io, &header);
+        self.copy_in(io, &bytes[HEADER_LEN..]);
+        self.next_offset = last.plus(1);
+    }
+
+    fn copy_in(&mut self, io: &B, mut src: &[u8]) {
+        while !src.is_empty() {
+            let full = self.staging.as_ref().is_some_and(|c| c.room() == 0);
+            if full {
+                let c = self.staging.take().expect("checked");
+                self.ready.push(c);
+            }
+            if self.staging.is_none() {
+                assert_eq!(
+                    self.len % IO_ALIGN_BYTES as u64,
+                    0,
+                    "unaligned end without staging"
+                );
+                let c = self.new_chunk(io, self.len);
+                self.staging = Some(c);
+            }
+            let c = self.staging.as_mut().expect("just set");
+            debug_assert_eq!(c.pos + c.filled as u64, self.len);
+            let n = c.room().min(src.len());
+            c.buf.as_mut_slice()[c.filled..c.filled + n].copy_from_slice(&src[..n]);
+            c.filled += n;
+            self.len += n as u64;
+            src = &src[n..];
+        }
+    }
+
+    /// Stops appends. Staged bytes still go out with the next flush; the file is
+    /// trimmed once they are durable.
+    pub(crate) fn seal(&mut self) {
+        assert!(self.is_active());
+        self.state = SegmentState::Sealed { trimmed: false };
+        if let Some(c) = self.staging.take() {
+            if c.pos + c.filled as u64 > self.flush_issued_len {
+                self.ready.push(c);
+            }
+        }
+        self.push_final_time_entry();
+    }
+
+    /// Hands every byte not yet given to a flush to the caller, in file order.
+    pub(crate) fn take_unflushed(&mut self, io: &B) -> Option<SegmentFlush<B>> {
+        if self.len == self.flush_issued_len {
+            return None;
+        }
+        let mut chunks = std::mem::take(&mut self.ready);
+        if let Some(st) = self.staging.take() {
+            if st.filled % IO_ALIGN_BYTES != 0 {
+                let keep = st.filled / IO_ALIGN_BYTES * IO_ALIGN_BYTES;
+                let mut next = self.new_chunk(io, st.pos + keep as u64);
+                let n = st.filled - keep;
+                next.buf.as_mut_slice()[..n].copy_from_slice(&st.buf.as_slice()[keep..st.filled]);
+                next.filled = n;
+                self.staging = Some(next);
+            }
+            chunks.push(st);
+        }
+        self.flush_issued_len = self.len;
+        Some(SegmentFlush {
+            base: self.base,
+            writer: self.writer.clone(),
+            chunks,
+            upto_len: self.len,
+            upto_next: self.next_offset,
+        })
+    }
+
+    /// Publishes bytes whose write completed and persists index entries for them.
+    pub(crate) fn mark_written(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
+        assert!(
+            len >= self.written_len && len <= self.len,
+            "written length out of order"
+        );
+        assert!(next >= self.written_next);
+        self.written_len = len;
+        self.written_next = next;
+        self.persist_index(len, next)
+    }
+
+    fn persist_index(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
+        let n = self.index.partition_point(|e| u64::from(e.position) < len);
+        if n > self.index_persisted {
+            let mut buf = Vec::with_capacity((n - self.index_persisted) * index::INDEX_ENTRY_LEN);
+            self.index[self.index_persisted..n]
+                .iter()
+                .for_each(|e| e.encode(&mut buf));
+            let at = (self.index_persisted * index::INDEX_ENTRY_LEN) as u64;
+            self.index_file
+                .write_all_at(&buf, at)
+                .map_err(|e| StorageError::io("write", index_path(&self.dir, self.base), e))?;
+            self.index_persisted = n;
+        }
+        let written_rel = next.0 - self.base.0;
+        let n = self
+            .time_index
+            .partition_point(|t| u64::from(t.relative_offset) < written_rel);
+        if n > self.time_persisted {
+            let mut buf = Vec::with_capacity((n - self.time_persisted) * index::TIME_ENTRY_LEN);
+            self.time_index[self.time_persisted..n]
+                .iter()
+                .for_each(|e| e.encode(&mut buf));
+            let at = (self.time_persisted * index::TIME_ENTRY_LEN) as u64;
+            self.time_file
+                .write_all_at(&buf, at)
+                .map_err(|e| StorageError::io("write", time_index_path(&self.dir, self.base), e))?;
+            self.time_persisted = n;
+        }
+        Ok(())
+    }
+
+    /// Whether every appended byte has been written.
+    pub(crate) fn fully_written(&self) -> bool {
+        self.written_len == self.len
+    }
+
+    /// Cuts a sealed, fully durable segment to its real length and closes its writer.
+    pub(crate) fn trim(&mut self) -> Result<(), StorageError> {
+        assert_eq!(self.state, SegmentState::Sealed { trimmed: false });
+        assert!(self.fully_written());
+        self.file
+            .set_len(self.len)
+            .map_err(|e| StorageError::io("truncate", &self.path, e))?;
+        self.writer.close();
+        self.capacity = self.len;
+        self.state = SegmentState::Sealed { trimmed: true };
+        Ok(())
+    }
+
+    /// Reads whole batches starting with the one that holds `offset`, up to
+    /// `max_bytes` (past it by one batch when `at_least_one` and the first batch is
+    /// larger), from written bytes only. Returns the bytes (empty when the budget
+    /// takes no batch) and the offset after the last batch, or `None` if this
+    /// segment has no written batch at or after `offset`.
+    pub(crate) fn read(
+        &self,
+        offset: Offset,
+        max_bytes: usize,
+        at_least_one: bool,
+    ) -> Result<Option<(Bytes, Offset)>, StorageError> {
+        if offset >= self.written_next || self.written_len == 0 {
+            return Ok(None);
+        }
+        let limit = self.written_len;
+        let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
+        let mut pos = index::lookup(&self.index, rel, limit).map_or(0, |e| u64::from(e.position));
+        let map = &self.map[..limit as usize];
+        // Skip to the batch that holds `offset` (headers only).
+        loop {
+            if pos >= limit {
+                return Ok(None);
+            }
+            let at = &map[pos as usize..];
+            let len = batch::check_header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
+            let h = batch::header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
+            let last = h
+                .base_offset
+                .get()
+                .saturating_add(u64::from(h.last_offset_delta.get()));
+            if last >= offset.0 {
+                break;
+            }
+            pos += len as u64;
+        }
+        let start = pos;
+        let mut next = None;
+        while pos < limit {
+            let at = &map[pos as usize..];
+            let len = batch::check_header_and_crc(at)
+                .map_err(|e| StorageError::at(&self.path, pos, e))?;
+            if (pos > start || !at_least_one) && (pos - start) + len as u64 > max_bytes as u64 {
+                break;
+            }
+            let b = BatchRef::parse(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
+            if let Some(n) = next {
+                if b.base_offset() != n {
+                    return Err(StorageError::OffsetGap {
+                        segment: self.path.clone(),
+                        position: pos,
+                        expected: n,
+                        found: b.base_offset(),
+                    });
+                }
+            }
+            next = Some(b.last_offset().plus(1));
+            pos += len as u64;
+        }
+        let next = next.unwrap_or(offset);
+        Ok(Some((self.map.slice(start as usize..pos as usize), next)))
+    }
+
+    /// The first offset whose batch has a max timestamp at or after `ts`, if any
+    /// batch in this segment qualifies.
+    pub(crate) fn offset_for_timestamp(
+        &self,
+        ts: TimestampMs,
+    ) -> Result<Option<Offset>, StorageError> {
+        if self.max_timestamp.is_none_or(|m| m < ts) {
+            return Ok(None);
+        }
+        // Start at the last time entry whose max is below `ts`: no batch up to it
+        // qualifies, so scanning from it finds the first one that does.
+        let i = self.time_index.partition_point(|t| t.max_timestamp < ts);
+        let start_rel = i
+            .checked_sub(1)
+            .map_or(0, |j| self.time_index[j].relative_offset);
+        let pos = index::lookup(&self.index, start_rel, self.written_len)
+            .map_or(0, |e| u64::from(e.position));
+        let mut found = None;
+        let s = scan(&self.map[..self.written_len as usize], pos, None, |b| {
+            if found.is_none() && b.max_timestamp >= ts {
+                found = Some(b.base_offset);
+            }
+        });
+        if let ScanStop::Invalid(e) = s.stop {
+            if found.is_none() {
+                return Err(StorageError::at(&self.path, s.end, e));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes the segment's files. Readers holding `Bytes` keep the mapping (and the
+    /// unlinked file's blocks) alive until they let go.
+    pub(crate) fn delete_files(&self) -> Result<(), StorageError> {
+        for p in [
+            self.path.clone(),
+            index_path(&self.dir, self.base),
+            time_index_path(&self.dir, self.base),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io("remove", p, e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn index_entries(&self) -> usize {
+        self.index.len()
+    }
+}
