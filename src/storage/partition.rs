@@ -305,7 +305,24 @@ impl<B: LogIo> Partition<B> {
                 Some(&next_base) => Role::Sealed { next_base },
                 None => Role::Active { capacity },
             };
-            let (seg, rec) = Segment::open(&dir, base, role, full, &io, now)?;
+            let (mut seg, mut rec) = Segment::open(&dir, base, role, full, &io, now)?;
+            let incomplete = rec.incomplete;
+            if incomplete {
+                // Everything after this segment's last written batch was never
+                // acknowledged: drop the later segments and make this one active.
+                drop(seg);
+                for &later in &bases[i + 1..] {
+                    report
+                        .removed_files
+                        .extend(segment::remove_files(&dir, later)?);
+                }
+                tracing::warn!(
+                    segment = %segment::log_path(&dir, base).display(), dropped_segments = bases.len() - i - 1,
+                    "segment was not fully written before a crash; later segments held only unacknowledged data"
+                );
+                (seg, rec) = Segment::open(&dir, base, Role::Active { capacity }, full, &io, now)?;
+            }
+            let last = incomplete || role_is_active(role);
             report.batches_scanned += rec.batches_scanned;
             report.trimmed_bytes += rec.trimmed_bytes;
             if rec.truncated_bytes > 0 {
@@ -317,6 +334,9 @@ impl<B: LogIo> Partition<B> {
             }
             report.corruptions.extend(rec.corruption);
             segments.push_back(seg);
+            if last {
+                break;
+            }
         }
         let next_offset = segments.back().expect("at least one segment").next_offset;
         report.segments = segments.len();
@@ -738,6 +758,10 @@ impl<B: LogIo> Partition<B> {
     pub fn index_entries(&self) -> Vec<usize> {
         self.segments.iter().map(|s| s.index_entries()).collect()
     }
+}
+
+fn role_is_active(role: Role) -> bool {
+    matches!(role, Role::Active { .. })
 }
 
 /// Runs one flush on a partition shared with appenders: the partition is borrowed

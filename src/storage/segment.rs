@@ -168,6 +168,23 @@ pub fn scan(
     }
 }
 
+/// Removes a segment's `.log`, `.index` and `.timeindex`; returns the paths removed.
+pub(crate) fn remove_files(dir: &Path, base: Offset) -> Result<Vec<PathBuf>, StorageError> {
+    let mut removed = Vec::new();
+    for p in [
+        log_path(dir, base),
+        index_path(dir, base),
+        time_index_path(dir, base),
+    ] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("remove", p, e)),
+        }
+    }
+    Ok(removed)
+}
+
 /// Position just past the last non-zero byte of `bytes`, or 0.
 pub(crate) fn nonzero_end(bytes: &[u8]) -> usize {
     let mut end = bytes.len();
@@ -306,6 +323,10 @@ pub(crate) struct SegmentRecovery {
     pub(crate) index_rebuilt: bool,
     pub(crate) corruption: Option<StorageError>,
     pub(crate) batches_scanned: u64,
+    /// A sealed segment whose tail was never written (zeros where batches should
+    /// be): a crash interrupted the flush that crossed a roll. Nothing after it
+    /// was acknowledged, because writes are ordered by segment.
+    pub(crate) incomplete: bool,
 }
 
 fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
@@ -530,6 +551,9 @@ impl<B: LogIo> Segment<B> {
                     tracing::error!(segment = %path.display(), error = %err, "corrupt sealed segment; keeping its bytes");
                     rec.corruption = Some(err);
                     (file_len, next_base, file_len)
+                } else if next != next_base && file_len > end {
+                    rec.incomplete = true;
+                    return Ok((seg, rec));
                 } else {
                     if file_len > end {
                         rec.trimmed_bytes = file_len - end;
@@ -920,18 +944,7 @@ impl<B: LogIo> Segment<B> {
     /// Removes the segment's files. Readers holding `Bytes` keep the mapping (and the
     /// unlinked file's blocks) alive until they let go.
     pub(crate) fn delete_files(&self) -> Result<(), StorageError> {
-        for p in [
-            self.path.clone(),
-            index_path(&self.dir, self.base),
-            time_index_path(&self.dir, self.base),
-        ] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io("remove", p, e)),
-            }
-        }
-        Ok(())
+        remove_files(&self.dir, self.base).map(drop)
     }
 
     pub(crate) fn index_entries(&self) -> usize {

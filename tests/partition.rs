@@ -1,0 +1,382 @@
+//! Partition behaviour against a simple in-memory model (a `Vec` of batches), plus
+//! rolling, retention with held readers, timestamps, limits and fencing.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use ringbus::batch::BatchRef;
+use ringbus::storage::io::{AlignedBuf, StdIo};
+use ringbus::storage::{Durability, LogIo, Partition, PartitionConfig, StorageError};
+use ringbus::{Offset, TimestampMs};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { records: usize, value_len: usize },
+    Flush,
+    Roll,
+    Retain { bytes: u64 },
+    Read { at: usize, max_bytes: usize },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1usize..20, 0usize..3000).prop_map(|(records, value_len)| Op::Append { records, value_len }),
+        3 => Just(Op::Flush),
+        1 => Just(Op::Roll),
+        1 => (0u64..200_000).prop_map(|bytes| Op::Retain { bytes }),
+        3 => (0usize..1000, 1usize..100_000).prop_map(|(at, max_bytes)| Op::Read { at, max_bytes }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// The model: batches in offset order, how many are flushed, and the log start.
+#[derive(Default)]
+struct Model {
+    batches: Vec<(Offset, Vec<u8>)>,
+    flushed: usize,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn partition_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_config();
+        let (mut p, _) = open(dir.path(), cfg.clone());
+        let mut m = Model::default();
+        let mut n = 0u64;
+        for op in ops {
+            match op {
+                Op::Append { records, value_len } => {
+                    n += 1;
+                    let b = batch(&format!("b{n}"), records, value_len, 1_000 + n as i64);
+                    let a = append(&mut p, &b);
+                    let expect = m.batches.last().map_or(p.log_start(), |(o, bytes)| {
+                        o.plus(u64::from(BatchRef::parse(bytes).unwrap().record_count()))
+                    });
+                    prop_assert_eq!(a.base_offset, expect);
+                    prop_assert_eq!(a.last_offset, expect.plus(records as u64 - 1));
+                    let mut stamped = b.clone();
+                    ringbus::batch::stamp_base_offset(&mut stamped, a.base_offset);
+                    m.batches.push((a.base_offset, stamped));
+                }
+                Op::Flush => {
+                    p.flush_blocking().unwrap();
+                    m.flushed = m.batches.len();
+                    prop_assert_eq!(p.durable_offset(), p.next_offset());
+                }
+                Op::Roll => {
+                    p.roll(TimestampMs(1_000)).unwrap();
+                }
+                Op::Retain { bytes } => {
+                    let mut c = p.config().clone();
+                    c.retention_bytes = Some(bytes);
+                    drop(p);
+                    // Unflushed batches are lost with the process; reopen with the limit.
+                    m.batches.truncate(m.flushed);
+                    let (mut q, _) = open(dir.path(), c);
+                    let before = q.size_bytes();
+                    let r = q.apply_retention(TimestampMs(1_000)).unwrap();
+                    prop_assert!(r.segments_deleted == 0 || before - r.bytes_deleted >= bytes);
+                    m.batches.retain(|(o, _)| *o >= q.log_start());
+                    m.flushed = m.batches.len();
+                    p = q;
+                }
+                Op::Read { at, max_bytes } => {
+                    if m.flushed == 0 { continue; }
+                    let i = at % m.flushed;
+                    let (off, _) = &m.batches[i];
+                    let f = p.read(*off, max_bytes).unwrap();
+                    prop_assert!(!f.chunks.is_empty());
+                    // The fetched bytes are exactly the model's batches from i on.
+                    let got: Vec<u8> = f.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+                    let mut want = Vec::new();
+                    let mut j = i;
+                    while j < m.flushed && want.len() < got.len() {
+                        want.extend_from_slice(&m.batches[j].1);
+                        j += 1;
+                    }
+                    prop_assert_eq!(got.len(), want.len());
+                    prop_assert!(got == want, "fetched bytes differ from the model");
+                    prop_assert!(f.bytes() <= max_bytes || f.chunks.len() == 1);
+                }
+                Op::Reopen => {
+                    drop(p);
+                    m.batches.truncate(m.flushed);
+                    let (q, rep) = open(dir.path(), cfg.clone());
+                    prop_assert_eq!(rep.truncated_bytes, 0);
+                    prop_assert!(rep.corruptions.is_empty());
+                    p = q;
+                }
+            }
+        }
+        p.flush_blocking().unwrap();
+        let all = batches(&p);
+        prop_assert_eq!(all.len(), m.batches.len());
+        for (a, b) in all.iter().zip(&m.batches) {
+            prop_assert_eq!(a.0, b.0);
+            prop_assert!(a.1 == b.1);
+        }
+    }
+}
+
+#[test]
+fn reads_cross_segment_boundaries_and_roll_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..200 {
+        append(&mut p, &batch(&format!("x{i}"), 3, 500, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    assert!(
+        p.segment_count() >= 5,
+        "64 KiB segments must roll: {}",
+        p.segment_count()
+    );
+    let all = read_all(&p, Offset(0));
+    assert_eq!(all.len(), 600);
+    for (i, (o, v)) in all.iter().enumerate() {
+        assert_eq!(o.0, i as u64);
+        assert!(v.starts_with(format!("x{}-{}", i / 3, i % 3).as_bytes()));
+    }
+    // A single fetch with a big budget spans several segments.
+    let f = p.read(Offset(0), 1 << 20).unwrap();
+    assert!(f.chunks.len() > 1);
+    // Sealed segments were trimmed to their real length.
+    let bases = p.segment_bases();
+    let first = dir.path().join(format!("{:020}.log", bases[0].0));
+    let len = std::fs::metadata(first).unwrap().len();
+    assert!(
+        len < 64 * 1024 && len > 60 * 1024,
+        "sealed segment trimmed: {len}"
+    );
+}
+
+#[test]
+fn unwritten_appends_are_invisible_until_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    append(&mut p, &batch("a", 2, 10, 1_000));
+    assert_eq!(p.written_offset(), Offset(0));
+    assert!(p.read(Offset(0), 1000).unwrap().chunks.is_empty());
+    assert!(matches!(
+        p.read(Offset(1), 1000),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    p.flush_blocking().unwrap();
+    assert_eq!(p.written_offset(), Offset(2));
+    assert_eq!(read_all(&p, Offset(0)).len(), 2);
+    assert_eq!(read_all(&p, Offset(1)).len(), 1);
+}
+
+#[test]
+fn retention_keeps_held_bytes_readable_after_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        retention_bytes: Some(100 * 1024),
+        ..small_config()
+    };
+    let (mut p, _) = open(dir.path(), cfg);
+    for i in 0..400 {
+        append(&mut p, &batch(&format!("r{i}"), 1, 1000, 1_000));
+        if i % 50 == 0 {
+            p.flush_blocking().unwrap();
+        }
+    }
+    p.flush_blocking().unwrap();
+    let held = p.read(Offset(0), 4096).unwrap();
+    let held_copy: Vec<u8> = held.chunks[0].to_vec();
+    let first_log = dir.path().join(format!("{:020}.log", 0));
+    assert!(first_log.exists());
+    let r = p.apply_retention(TimestampMs(1_000)).unwrap();
+    assert!(r.segments_deleted > 0);
+    assert!(!first_log.exists(), "deleted segment file still present");
+    assert!(p.size_bytes() >= 100 * 1024);
+    assert_eq!(
+        held.chunks[0][..],
+        held_copy[..],
+        "held bytes changed after delete"
+    );
+    BatchRef::parse_full(&held.chunks[0]).unwrap();
+    assert!(matches!(
+        p.read(Offset(0), 10),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(
+        read_all(&p, r.new_log_start).len() as u64,
+        400 - r.new_log_start.0
+    );
+}
+
+#[test]
+fn retention_by_age_and_roll_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        segment_ms: Some(1_000),
+        retention_ms: Some(5_000),
+        ..small_config()
+    };
+    let (mut p, _) = Partition::open(dir.path(), cfg, StdIo::default(), TimestampMs(0)).unwrap();
+    for t in 0..10i64 {
+        let wall = TimestampMs(t * 1_000);
+        p.append(&batch("t", 1, 10, t * 1_000), Instant::now(), wall)
+            .unwrap();
+        p.flush_blocking().unwrap();
+    }
+    assert_eq!(p.segment_count(), 10, "one segment per second of age");
+    let r = p.apply_retention(TimestampMs(10_000)).unwrap();
+    // Segments whose newest record is more than 5 s old: t = 0..=4.
+    assert_eq!(r.segments_deleted, 5);
+    assert_eq!(p.log_start(), Offset(5));
+    assert_eq!(
+        p.offset_for_timestamp(TimestampMs(7_000)).unwrap(),
+        Some(Offset(7))
+    );
+    assert_eq!(
+        p.offset_for_timestamp(TimestampMs(6_500)).unwrap(),
+        Some(Offset(7))
+    );
+    assert_eq!(p.offset_for_timestamp(TimestampMs(99_000)).unwrap(), None);
+}
+
+#[test]
+fn bad_batches_are_rejected_without_touching_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    let good = batch("g", 2, 10, 1_000);
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    let now = Instant::now();
+    assert!(matches!(
+        p.append(&flipped, now, TimestampMs(0)),
+        Err(StorageError::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        p.append(&good[..good.len() - 1], now, TimestampMs(0)),
+        Err(StorageError::InvalidBatch(_))
+    ));
+    let mut two = good.clone();
+    two.extend_from_slice(&good);
+    assert!(matches!(
+        p.append(&two, now, TimestampMs(0)),
+        Err(StorageError::InvalidBatch(_))
+    ));
+    let huge = batch("h", 1, 70 * 1024, 1_000);
+    assert!(matches!(
+        p.append(&huge, now, TimestampMs(0)),
+        Err(StorageError::BatchTooLarge { .. })
+    ));
+    assert_eq!(p.next_offset(), Offset(0));
+    append(&mut p, &good);
+    p.flush_blocking().unwrap();
+    assert_eq!(read_all(&p, Offset(0)).len(), 2);
+}
+
+/// A backend that fails the n-th write or sync.
+#[derive(Clone)]
+struct FaultyIo {
+    inner: StdIo,
+    writes_left: Rc<Cell<u32>>,
+    syncs_left: Rc<Cell<u32>>,
+}
+
+impl FaultyIo {
+    fn tick(c: &Cell<u32>) -> std::io::Result<()> {
+        if c.get() == 0 {
+            return Err(std::io::Error::other("injected I/O error"));
+        }
+        c.set(c.get() - 1);
+        Ok(())
+    }
+}
+
+impl LogIo for FaultyIo {
+    type File = std::fs::File;
+    type Buf = AlignedBuf;
+    fn alloc(&self, len: usize) -> AlignedBuf {
+        self.inner.alloc(len)
+    }
+    fn open(
+        &self,
+        path: &std::path::Path,
+    ) -> impl std::future::Future<Output = std::io::Result<std::fs::File>> {
+        self.inner.open(path)
+    }
+    fn write_at(
+        &self,
+        f: &std::fs::File,
+        buf: AlignedBuf,
+        len: usize,
+        pos: u64,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> {
+        let r = Self::tick(&self.writes_left);
+        let inner = self.inner.write_at(f, buf, len, pos);
+        async move {
+            r?;
+            inner.await
+        }
+    }
+    fn sync_data(
+        &self,
+        f: &std::fs::File,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> {
+        let r = Self::tick(&self.syncs_left);
+        let inner = self.inner.sync_data(f);
+        async move {
+            r?;
+            inner.await
+        }
+    }
+}
+
+fn fence_case(writes: u32, syncs: u32, op: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo {
+        inner: StdIo::default(),
+        writes_left: Rc::new(Cell::new(writes)),
+        syncs_left: Rc::new(Cell::new(syncs)),
+    };
+    let (mut p, _) = Partition::open(dir.path(), small_config(), io, TimestampMs(0)).unwrap();
+    append(&mut p, &batch("ok", 1, 10, 0));
+    p.flush_blocking().unwrap();
+    let a = append(&mut p, &batch("lost", 1, 10, 0));
+    let mut wait = Box::pin(p.wait_for(a.last_offset, Durability::Fsync));
+    let e = p.flush_blocking().unwrap_err();
+    assert!(matches!(e, StorageError::Fenced { .. }), "{e}");
+    assert!(e.to_string().contains(op), "{e}");
+    // Waiters learn about the failure; the partition refuses writes until reopened.
+    let r = futures_lite::future::block_on(futures_lite::future::poll_once(&mut wait));
+    assert!(matches!(r, Some(Err(_))), "waiter not failed");
+    assert!(matches!(
+        p.append(&batch("x", 1, 1, 0), Instant::now(), TimestampMs(0)),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert!(matches!(
+        p.flush_blocking(),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert!(p.is_fenced());
+    drop(p);
+    let (mut p, _) = open(dir.path(), small_config());
+    assert_eq!(read_all(&p, Offset(0)).len() as u64, p.next_offset().0);
+    assert!(p.next_offset() >= Offset(1));
+    append(&mut p, &batch("after", 1, 10, 0));
+    p.flush_blocking().unwrap();
+}
+
+#[test]
+fn failed_write_fences_the_partition() {
+    fence_case(1, u32::MAX, "write");
+}
+
+#[test]
+fn failed_fsync_fences_the_partition_and_is_never_retried() {
+    fence_case(u32::MAX, 1, "fdatasync");
+}
