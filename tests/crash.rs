@@ -1,0 +1,211 @@
+//! Crash recovery: torn tails at every byte, flipped bytes, lost or damaged indexes,
+//! and corruption inside a sealed segment.
+
+mod common;
+
+use common::*;
+use ringbus::batch::BatchRef;
+use ringbus::storage::segment::{index_path, log_path, scan, time_index_path};
+use ringbus::storage::{PartitionConfig, RecoveryPolicy, StorageError};
+use ringbus::Offset;
+use std::fs::OpenOptions;
+use std::path::Path;
+
+/// Writes `n` flushed batches into a fresh partition; returns every batch's bytes.
+fn fill(dir: &Path, n: usize, value_len: usize) -> Vec<(Offset, Vec<u8>)> {
+    let (mut p, _) = open(dir, small_config());
+    for i in 0..n {
+        append(&mut p, &batch(&format!("c{i}"), 1 + i % 4, value_len, 1_000 + i as i64));
+    }
+    p.flush_blocking().unwrap();
+    batches(&p)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Reopens `dir` and checks that exactly `expect` is there, then that appends
+/// resume at the right offset and survive another reopen.
+fn check_recovered(dir: &Path, expect: &[(Offset, Vec<u8>)], config: PartitionConfig) -> ringbus::storage::RecoveryReport {
+    let (mut p, report) = open(dir, config.clone());
+    let got = batches(&p);
+    assert_eq!(got.len(), expect.len(), "batch count after recovery");
+    for (g, e) in got.iter().zip(expect) {
+        assert_eq!(g.0, e.0);
+        assert!(g.1 == e.1, "batch at offset {} changed", g.0);
+    }
+    let next = expect.last().map_or(Offset(0), |(o, b)| o.plus(u64::from(BatchRef::parse(b).unwrap().record_count())));
+    assert_eq!(p.next_offset(), next, "appends resume after the last intact batch");
+    let a = append(&mut p, &batch("resume", 2, 33, 5_000));
+    assert_eq!(a.base_offset, next);
+    p.flush_blocking().unwrap();
+    drop(p);
+    let (p, again) = open(dir, config);
+    assert_eq!(again.truncated_bytes, 0, "second recovery found damage");
+    assert_eq!(batches(&p).len(), expect.len() + 1);
+    report
+}
+
+#[test]
+fn truncation_at_every_byte_of_the_last_batch() {
+    let src = tempfile::tempdir().unwrap();
+    let all = fill(src.path(), 12, 40);
+    let log = log_path(src.path(), Offset(0));
+    let bytes = std::fs::read(&log).unwrap();
+    let s = scan(&bytes, 0, Some(Offset(0)), |_| {});
+    let last_len = all.last().unwrap().1.len() as u64;
+    let last_pos = s.end - last_len;
+    for cut in last_pos..s.end {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let f = OpenOptions::new().write(true).open(log_path(dir.path(), Offset(0))).unwrap();
+        f.set_len(cut).unwrap();
+        let report = check_recovered(dir.path(), &all[..all.len() - 1], small_config());
+        assert!(report.truncated_bytes <= cut - last_pos, "cut {cut}: reported {}", report.truncated_bytes);
+        if cut > last_pos {
+            assert!(report.truncated_bytes > 0, "cut {cut}: torn bytes not reported");
+            assert_eq!(report.truncated_at.as_ref().map(|t| t.1), Some(last_pos));
+        }
+    }
+}
+
+#[test]
+fn truncation_inside_earlier_batches_keeps_the_prefix() {
+    let src = tempfile::tempdir().unwrap();
+    let all = fill(src.path(), 30, 300);
+    let bytes = std::fs::read(log_path(src.path(), Offset(0))).unwrap();
+    let mut starts = Vec::new();
+    let s = scan(&bytes, 0, Some(Offset(0)), |b| starts.push(b.position));
+    assert_eq!(starts.len(), all.len());
+    for (i, &start) in starts.iter().enumerate().step_by(3) {
+        for cut in [start, start + 1, start + 63, start + 64, start + 65] {
+            if cut >= s.end {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(src.path(), dir.path());
+            let f = OpenOptions::new().write(true).open(log_path(dir.path(), Offset(0))).unwrap();
+            f.set_len(cut).unwrap();
+            check_recovered(dir.path(), &all[..i], small_config());
+        }
+    }
+}
+
+#[test]
+fn flipped_bytes_in_the_tail_cut_the_log_there() {
+    let src = tempfile::tempdir().unwrap();
+    let all = fill(src.path(), 40, 100);
+    let bytes = std::fs::read(log_path(src.path(), Offset(0))).unwrap();
+    let mut starts = Vec::new();
+    let s = scan(&bytes, 0, Some(Offset(0)), |b| starts.push(b.position));
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // The last four batches form the tail.
+    let tail_start = starts[starts.len() - 4];
+    for _ in 0..150 {
+        let pos = tail_start + next() % (s.end - tail_start);
+        let bit = 1u8 << (next() % 8);
+        let victim = starts.iter().rposition(|&p| p <= pos).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let path = log_path(dir.path(), Offset(0));
+        let mut b = std::fs::read(&path).unwrap();
+        b[pos as usize] ^= bit;
+        std::fs::write(&path, &b).unwrap();
+        let report = check_recovered(dir.path(), &all[..victim], small_config());
+        assert!(report.truncated_bytes > 0, "flip at {pos} not reported");
+    }
+}
+
+#[test]
+fn missing_or_damaged_index_is_rebuilt() {
+    let src = tempfile::tempdir().unwrap();
+    let all = fill(src.path(), 60, 500);
+    let original_index = std::fs::read(index_path(src.path(), Offset(0))).unwrap();
+    let original_time = std::fs::read(time_index_path(src.path(), Offset(0))).unwrap();
+    assert!(original_index.len() >= 8 * 5, "expected several index entries");
+    type Damage = fn(&Path);
+    let damages: [(&str, Damage); 5] = [
+        ("deleted", |d| std::fs::remove_file(index_path(d, Offset(0))).unwrap()),
+        ("emptied", |d| std::fs::write(index_path(d, Offset(0)), b"").unwrap()),
+        ("garbage", |d| std::fs::write(index_path(d, Offset(0)), vec![0xAB; 100]).unwrap()),
+        ("last entry off by one", |d| {
+            let p = index_path(d, Offset(0));
+            let mut b = std::fs::read(&p).unwrap();
+            let n = b.len();
+            b[n - 4] = b[n - 4].wrapping_add(1);
+            std::fs::write(p, b).unwrap();
+        }),
+        ("time index deleted", |d| std::fs::remove_file(time_index_path(d, Offset(0))).unwrap()),
+    ];
+    for (what, damage) in damages {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        damage(dir.path());
+        let (p, report) = open(dir.path(), small_config());
+        assert_eq!(report.indexes_rebuilt.len(), 1, "{what}: index not rebuilt");
+        assert_eq!(batches(&p).len(), all.len(), "{what}");
+        assert_eq!(read_all(&p, Offset(77)).first().map(|r| r.0), Some(Offset(77)), "{what}: index lookup");
+        drop(p);
+        assert_eq!(std::fs::read(index_path(dir.path(), Offset(0))).unwrap(), original_index, "{what}: rebuilt index differs");
+        assert_eq!(std::fs::read(time_index_path(dir.path(), Offset(0))).unwrap(), original_time, "{what}: rebuilt time index differs");
+    }
+}
+
+#[test]
+fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..200 {
+        append(&mut p, &batch(&format!("s{i}"), 2, 400, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    assert!(p.segment_count() >= 3);
+    let all = batches(&p);
+    drop(p);
+    // Flip one byte in the middle of the first (sealed) segment.
+    let path = log_path(dir.path(), Offset(0));
+    let mut b = std::fs::read(&path).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&path, &b).unwrap();
+    let sealed_len = b.len() as u64;
+
+    let full = PartitionConfig { recovery: RecoveryPolicy::Full, ..small_config() };
+    let (p, report) = open(dir.path(), full);
+    assert_eq!(report.corruptions.len(), 1, "{:?}", report.corruptions);
+    match &report.corruptions[0] {
+        StorageError::ChecksumMismatch { segment, position, expected, actual } => {
+            assert_eq!(segment, &path);
+            assert!(*position <= mid as u64);
+            assert_ne!(expected, actual);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // Nothing was cut: the sealed file keeps its length and later data is intact.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed_len);
+    assert_eq!(p.next_offset(), all.last().unwrap().0.plus(2));
+    // Reading across the bad batch fails with the typed error naming it.
+    let mut cur = Offset(0);
+    let err = loop {
+        match p.read(cur, 4096) {
+            Ok(f) => cur = f.next_offset,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, StorageError::ChecksumMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("00000000000000000000.log"), "{err}");
+    // Later segments still read back.
+    let bases = p.segment_bases();
+    assert_eq!(read_all(&p, bases[1]).len() as u64, p.next_offset().0 - bases[1].0);
+}
