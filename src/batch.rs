@@ -216,6 +216,13 @@ impl<'a> BatchRef<'a> {
         let mut max_ts = i64::MIN;
         while let Some(rec) = it.next() {
             let rec = rec?;
+            if last_delta.is_none() && rec.offset_delta != 0 {
+                return Err(BatchError::RecordMalformed {
+                    index: 0,
+                    position: HEADER_LEN,
+                    reason: "first offset delta is not 0",
+                });
+            }
             if let Some(prev) = last_delta {
                 if rec.offset_delta <= prev {
                     return Err(BatchError::RecordMalformed {
@@ -764,6 +771,25 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(BatchRef::parse(&bytes[..len]).is_err());
         }
+    }
+
+    /// The worked example in docs/FORMAT.md, byte for byte.
+    #[test]
+    fn format_doc_example() {
+        let mut b = BatchBuilder::default();
+        b.push(RecordInput {
+            timestamp: TimestampMs(1000),
+            key: Some(b"k"),
+            value: Some(b"v"),
+            headers: &[],
+        });
+        let bytes = b.finish();
+        assert_eq!(bytes.len(), 73);
+        assert_eq!(&bytes[CRC_POS..CRC_POS + 4], &[0x9e, 0x52, 0x59, 0x6a]);
+        assert_eq!(
+            &bytes[HEADER_LEN..],
+            &[0x10, 0, 0, 0, 0x02, b'k', 0x02, b'v', 0]
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ use std::path::Path;
 fn fill(dir: &Path, n: usize, value_len: usize) -> Vec<(Offset, Vec<u8>)> {
     let (mut p, _) = open(dir, small_config());
     for i in 0..n {
-        append(&mut p, &batch(&format!("c{i}"), 1 + i % 4, value_len, 1_000 + i as i64));
+        append(
+            &mut p,
+            &batch(&format!("c{i}"), 1 + i % 4, value_len, 1_000 + i as i64),
+        );
     }
     p.flush_blocking().unwrap();
     batches(&p)
@@ -31,7 +34,11 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Reopens `dir` and checks that exactly `expect` is there, then that appends
 /// resume at the right offset and survive another reopen.
-fn check_recovered(dir: &Path, expect: &[(Offset, Vec<u8>)], config: PartitionConfig) -> ringbus::storage::RecoveryReport {
+fn check_recovered(
+    dir: &Path,
+    expect: &[(Offset, Vec<u8>)],
+    config: PartitionConfig,
+) -> ringbus::storage::RecoveryReport {
     let (mut p, report) = open(dir, config.clone());
     let got = batches(&p);
     assert_eq!(got.len(), expect.len(), "batch count after recovery");
@@ -39,8 +46,14 @@ fn check_recovered(dir: &Path, expect: &[(Offset, Vec<u8>)], config: PartitionCo
         assert_eq!(g.0, e.0);
         assert!(g.1 == e.1, "batch at offset {} changed", g.0);
     }
-    let next = expect.last().map_or(Offset(0), |(o, b)| o.plus(u64::from(BatchRef::parse(b).unwrap().record_count())));
-    assert_eq!(p.next_offset(), next, "appends resume after the last intact batch");
+    let next = expect.last().map_or(Offset(0), |(o, b)| {
+        o.plus(u64::from(BatchRef::parse(b).unwrap().record_count()))
+    });
+    assert_eq!(
+        p.next_offset(),
+        next,
+        "appends resume after the last intact batch"
+    );
     let a = append(&mut p, &batch("resume", 2, 33, 5_000));
     assert_eq!(a.base_offset, next);
     p.flush_blocking().unwrap();
@@ -63,12 +76,22 @@ fn truncation_at_every_byte_of_the_last_batch() {
     for cut in last_pos..s.end {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(src.path(), dir.path());
-        let f = OpenOptions::new().write(true).open(log_path(dir.path(), Offset(0))).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(log_path(dir.path(), Offset(0)))
+            .unwrap();
         f.set_len(cut).unwrap();
         let report = check_recovered(dir.path(), &all[..all.len() - 1], small_config());
-        assert!(report.truncated_bytes <= cut - last_pos, "cut {cut}: reported {}", report.truncated_bytes);
+        assert!(
+            report.truncated_bytes <= cut - last_pos,
+            "cut {cut}: reported {}",
+            report.truncated_bytes
+        );
         if cut > last_pos {
-            assert!(report.truncated_bytes > 0, "cut {cut}: torn bytes not reported");
+            assert!(
+                report.truncated_bytes > 0,
+                "cut {cut}: torn bytes not reported"
+            );
             assert_eq!(report.truncated_at.as_ref().map(|t| t.1), Some(last_pos));
         }
     }
@@ -89,7 +112,10 @@ fn truncation_inside_earlier_batches_keeps_the_prefix() {
             }
             let dir = tempfile::tempdir().unwrap();
             copy_dir(src.path(), dir.path());
-            let f = OpenOptions::new().write(true).open(log_path(dir.path(), Offset(0))).unwrap();
+            let f = OpenOptions::new()
+                .write(true)
+                .open(log_path(dir.path(), Offset(0)))
+                .unwrap();
             f.set_len(cut).unwrap();
             check_recovered(dir.path(), &all[..i], small_config());
         }
@@ -133,12 +159,21 @@ fn missing_or_damaged_index_is_rebuilt() {
     let all = fill(src.path(), 60, 500);
     let original_index = std::fs::read(index_path(src.path(), Offset(0))).unwrap();
     let original_time = std::fs::read(time_index_path(src.path(), Offset(0))).unwrap();
-    assert!(original_index.len() >= 8 * 5, "expected several index entries");
+    assert!(
+        original_index.len() >= 8 * 5,
+        "expected several index entries"
+    );
     type Damage = fn(&Path);
     let damages: [(&str, Damage); 5] = [
-        ("deleted", |d| std::fs::remove_file(index_path(d, Offset(0))).unwrap()),
-        ("emptied", |d| std::fs::write(index_path(d, Offset(0)), b"").unwrap()),
-        ("garbage", |d| std::fs::write(index_path(d, Offset(0)), vec![0xAB; 100]).unwrap()),
+        ("deleted", |d| {
+            std::fs::remove_file(index_path(d, Offset(0))).unwrap()
+        }),
+        ("emptied", |d| {
+            std::fs::write(index_path(d, Offset(0)), b"").unwrap()
+        }),
+        ("garbage", |d| {
+            std::fs::write(index_path(d, Offset(0)), vec![0xAB; 100]).unwrap()
+        }),
         ("last entry off by one", |d| {
             let p = index_path(d, Offset(0));
             let mut b = std::fs::read(&p).unwrap();
@@ -146,7 +181,9 @@ fn missing_or_damaged_index_is_rebuilt() {
             b[n - 4] = b[n - 4].wrapping_add(1);
             std::fs::write(p, b).unwrap();
         }),
-        ("time index deleted", |d| std::fs::remove_file(time_index_path(d, Offset(0))).unwrap()),
+        ("time index deleted", |d| {
+            std::fs::remove_file(time_index_path(d, Offset(0))).unwrap()
+        }),
     ];
     for (what, damage) in damages {
         let dir = tempfile::tempdir().unwrap();
@@ -155,10 +192,22 @@ fn missing_or_damaged_index_is_rebuilt() {
         let (p, report) = open(dir.path(), small_config());
         assert_eq!(report.indexes_rebuilt.len(), 1, "{what}: index not rebuilt");
         assert_eq!(batches(&p).len(), all.len(), "{what}");
-        assert_eq!(read_all(&p, Offset(77)).first().map(|r| r.0), Some(Offset(77)), "{what}: index lookup");
+        assert_eq!(
+            read_all(&p, Offset(77)).first().map(|r| r.0),
+            Some(Offset(77)),
+            "{what}: index lookup"
+        );
         drop(p);
-        assert_eq!(std::fs::read(index_path(dir.path(), Offset(0))).unwrap(), original_index, "{what}: rebuilt index differs");
-        assert_eq!(std::fs::read(time_index_path(dir.path(), Offset(0))).unwrap(), original_time, "{what}: rebuilt time index differs");
+        assert_eq!(
+            std::fs::read(index_path(dir.path(), Offset(0))).unwrap(),
+            original_index,
+            "{what}: rebuilt index differs"
+        );
+        assert_eq!(
+            std::fs::read(time_index_path(dir.path(), Offset(0))).unwrap(),
+            original_time,
+            "{what}: rebuilt time index differs"
+        );
     }
 }
 
@@ -181,11 +230,19 @@ fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
     std::fs::write(&path, &b).unwrap();
     let sealed_len = b.len() as u64;
 
-    let full = PartitionConfig { recovery: RecoveryPolicy::Full, ..small_config() };
+    let full = PartitionConfig {
+        recovery: RecoveryPolicy::Full,
+        ..small_config()
+    };
     let (p, report) = open(dir.path(), full);
     assert_eq!(report.corruptions.len(), 1, "{:?}", report.corruptions);
     match &report.corruptions[0] {
-        StorageError::ChecksumMismatch { segment, position, expected, actual } => {
+        StorageError::ChecksumMismatch {
+            segment,
+            position,
+            expected,
+            actual,
+        } => {
             assert_eq!(segment, &path);
             assert!(*position <= mid as u64);
             assert_ne!(expected, actual);
@@ -203,9 +260,18 @@ fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
             Err(e) => break e,
         }
     };
-    assert!(matches!(err, StorageError::ChecksumMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("00000000000000000000.log"), "{err}");
+    assert!(
+        matches!(err, StorageError::ChecksumMismatch { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("00000000000000000000.log"),
+        "{err}"
+    );
     // Later segments still read back.
     let bases = p.segment_bases();
-    assert_eq!(read_all(&p, bases[1]).len() as u64, p.next_offset().0 - bases[1].0);
+    assert_eq!(
+        read_all(&p, bases[1]).len() as u64,
+        p.next_offset().0 - bases[1].0
+    );
 }

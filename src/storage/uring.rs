@@ -91,8 +91,8 @@ impl LogIo for UringIo {
         }
     }
 
-    fn sync_data(&self, file: &DmaFile) -> impl Future<Output = io::Result<()>> {
-        async move { Ok(file.fdatasync().await?) }
+    async fn sync_data(&self, file: &DmaFile) -> io::Result<()> {
+        Ok(file.fdatasync().await?)
     }
 }
 

@@ -1,0 +1,53 @@
+//! Batch format costs: CRC-32 over 1 MiB, full validation of a 1,000 × 1 KB batch
+//! (header, CRC, every record), and building one on the client side.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ringbus::batch::{BatchBuilder, BatchRef, RecordInput};
+use ringbus::TimestampMs;
+use std::hint::black_box;
+
+fn build(records: usize, value_len: usize) -> Vec<u8> {
+    let value = vec![b'x'; value_len];
+    let mut b = BatchBuilder::with_capacity(records * (value_len + 16));
+    for i in 0..records {
+        b.push(RecordInput {
+            timestamp: TimestampMs(1_700_000_000_000 + i as i64),
+            key: None,
+            value: Some(&value),
+            headers: &[],
+        });
+    }
+    b.finish()
+}
+
+fn benches(c: &mut Criterion) {
+    let batch = build(1000, 1024);
+    let mut g = c.benchmark_group("batch");
+    g.throughput(Throughput::Bytes(batch.len() as u64));
+    g.bench_function("crc32_1MiB", |b| {
+        b.iter(|| crc32fast::hash(black_box(&batch)))
+    });
+    g.bench_function("validate_1000x1KB", |b| {
+        b.iter(|| {
+            BatchRef::parse_full(black_box(&batch))
+                .expect("valid")
+                .record_count()
+        })
+    });
+    g.bench_function("build_1000x1KB", |b| {
+        b.iter_batched(|| (), |()| build(1000, 1024), BatchSize::SmallInput)
+    });
+    let small = build(100, 100);
+    g.throughput(Throughput::Bytes(small.len() as u64));
+    g.bench_function("validate_100x100B", |b| {
+        b.iter(|| {
+            BatchRef::parse_full(black_box(&small))
+                .expect("valid")
+                .record_count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(batch, benches);
+criterion_main!(batch);

@@ -1,0 +1,151 @@
+//! kill -9 while a child process appends with fsync durability through the real
+//! io_uring backend and group commit: every batch the child reported as durable
+//! must be on disk, intact, after reopening.
+
+mod common;
+
+use common::*;
+use ringbus::batch::BatchRef;
+use ringbus::storage::uring::{group_commit, UringIo};
+use ringbus::storage::watermark::Watermark;
+use ringbus::storage::{Durability, Partition, PartitionConfig};
+use ringbus::{Offset, TimestampMs};
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "RINGBUS_KILL_CHILD_DIR";
+const PRODUCERS: usize = 4;
+
+/// The child process of `kill9_keeps_every_fsynced_batch`, which runs it with
+/// `--ignored`; on its own it has nothing to check.
+#[test]
+#[ignore = "helper process: kill9_keeps_every_fsynced_batch starts it and kills it"]
+fn child_appender() {
+    let dir = std::env::var(CHILD_ENV).expect("run by kill9_keeps_every_fsynced_batch");
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .unwrap();
+    ex.run(async move {
+        let dir = std::path::PathBuf::from(dir);
+        let io = UringIo::new(&dir).await.unwrap();
+        let cfg = PartitionConfig {
+            segment_bytes: 256 * 1024,
+            flush_delay_us: 300,
+            ..PartitionConfig::default()
+        };
+        let (p, _) = Partition::open(&dir, cfg, io, TimestampMs::now()).unwrap();
+        let p = Rc::new(RefCell::new(p));
+        let stop = Watermark::new(0);
+        glommio::spawn_local(group_commit(p.clone(), stop)).detach();
+        let tasks: Vec<_> = (0..PRODUCERS)
+            .map(|t| {
+                let p = p.clone();
+                glommio::spawn_local(async move {
+                    for seq in 0u64.. {
+                        let tag = format!("p{t}s{seq}");
+                        let records = 1 + (seq as usize % 7);
+                        let b = batch(&tag, records, 200 + (seq as usize % 900), 1_000);
+                        let (a, wait) = {
+                            let mut p = p.borrow_mut();
+                            let a = p.append(&b, Instant::now(), TimestampMs::now()).unwrap();
+                            (a, p.wait_for(a.last_offset, Durability::Fsync))
+                        };
+                        wait.await.unwrap();
+                        println!("durable {} {} {tag}", a.base_offset.0, records);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+}
+
+#[test]
+fn kill9_keeps_every_fsynced_batch() {
+    let exe = std::env::current_exe().unwrap();
+    for (round, delay_ms) in [150u64, 400, 900].into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "child_appender",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut it = line.split_whitespace();
+                if it.next() != Some("durable") {
+                    continue;
+                }
+                let base: u64 = it.next().unwrap().parse().unwrap();
+                let count: usize = it.next().unwrap().parse().unwrap();
+                let tag = it.next().unwrap().to_owned();
+                acked.push((Offset(base), count, tag));
+            }
+            acked
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let acked = reader.join().unwrap();
+        assert!(
+            acked.len() > 10,
+            "round {round}: child acknowledged only {} batches",
+            acked.len()
+        );
+
+        let (p, report) = open(
+            dir.path(),
+            PartitionConfig {
+                segment_bytes: 256 * 1024,
+                ..PartitionConfig::default()
+            },
+        );
+        assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+        for (base, count, tag) in &acked {
+            let f = p
+                .read(*base, 1)
+                .unwrap_or_else(|e| panic!("round {round}: acked offset {base} unreadable: {e}"));
+            let b = BatchRef::parse_full(&f.chunks[0]).unwrap();
+            assert_eq!(b.base_offset(), *base);
+            assert_eq!(b.record_count() as usize, *count);
+            for (j, r) in b.records().enumerate() {
+                let r = r.unwrap();
+                assert!(
+                    r.value
+                        .unwrap()
+                        .starts_with(format!("{tag}-{j}").as_bytes()),
+                    "round {round}: wrong data at {}",
+                    r.offset
+                );
+            }
+        }
+        let max_acked = acked.iter().map(|(b, c, _)| b.0 + *c as u64).max().unwrap();
+        assert!(p.next_offset().0 >= max_acked);
+        // Every record up to the recovered end reads back in order.
+        let all = read_all(&p, Offset(0));
+        assert_eq!(all.len() as u64, p.next_offset().0);
+        eprintln!(
+            "round {round}: killed after {delay_ms} ms, {} acked batches, recovered {} records, {} segments, truncated {} bytes",
+            acked.len(),
+            all.len(),
+            p.segment_count(),
+            report.truncated_bytes
+        );
+    }
+}
