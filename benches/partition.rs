@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 8;
 
 fn build(records: usize, value_len: usize) -> Vec<u8> {
     let value = vec![b'x'; value_len];

@@ -23,7 +23,7 @@ pub mod watermark;
 pub use io::{DirectIo, LogIo, StdIo};
 pub use partition::{
     Appended, Durability, Fetch, FlushDue, FlushJob, Partition, PartitionConfig, RecoveryPolicy,
-    RecoveryReport, RetentionReport,
+    RecoveryReport, RetentionReport, SyncJob,
 };
 
 use crate::batch::BatchError;

@@ -3,10 +3,12 @@
 //! fencing after I/O failure, and recovery on open.
 //!
 //! The partition never performs data I/O itself: [`Partition::begin_flush`] hands out
-//! a [`FlushJob`], the caller runs it on a [`LogIo`] backend (io_uring in the broker,
-//! blocking in tests), then reports back with [`Partition::complete_write`] and
+//! a [`FlushJob`] (writes) and [`Partition::begin_sync`] a [`SyncJob`] (fdatasync);
+//! the caller runs them on a [`LogIo`] backend (io_uring in the broker, blocking in
+//! tests) and reports back with [`Partition::complete_write`] and
 //! [`Partition::complete_sync`]. Between those calls the partition stays usable, so
-//! appends continue while a flush is in flight. Time comes in as arguments, so the
+//! appends continue while I/O is in flight, and the next write job streams to the
+//! disk while the previous bytes are being synced. Time comes in as arguments, so the
 //! whole state machine runs in plain unit tests.
 //!
 //! Offsets visible to readers stop at the *written* watermark: bytes whose write
@@ -17,7 +19,7 @@
 use crate::batch::{BatchError, BatchRef};
 use crate::limits;
 use crate::storage::io::LogIo;
-use crate::storage::segment::{self, Role, Segment, SegmentFlush};
+use crate::storage::segment::{self, Role, Segment, SegmentFlush, SegmentWriter};
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
@@ -26,6 +28,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// When a produce is acknowledged.
@@ -210,10 +213,40 @@ impl<B: LogIo> FlushJob<B> {
         Ok(())
     }
 
-    /// fdatasyncs every segment this job wrote.
-    pub async fn sync(&self, io: &B) -> std::io::Result<()> {
-        for seg in &self.segments {
-            let file = seg.writer.file(io).await?;
+    fn first_path(&self) -> PathBuf {
+        self.segments
+            .first()
+            .map(|s| s.writer.path().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// One fdatasync round: every segment with written bytes not yet synced.
+pub struct SyncJob<B: LogIo> {
+    segments: Vec<(Offset, Rc<SegmentWriter<B>>, u64)>,
+    upto: Offset,
+}
+
+impl<B: LogIo> std::fmt::Debug for SyncJob<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncJob")
+            .field("segments", &self.segments.len())
+            .field("upto", &self.upto)
+            .finish()
+    }
+}
+
+impl<B: LogIo> SyncJob<B> {
+    /// The offset that becomes durable when this job completes.
+    pub fn upto(&self) -> Offset {
+        self.upto
+    }
+
+    /// fdatasyncs the segments; covers every write that completed before the job
+    /// was taken.
+    pub async fn run(&self, io: &B) -> std::io::Result<()> {
+        for (_, writer, _) in &self.segments {
+            let file = writer.file(io).await?;
             io.sync_data(&file).await?;
         }
         Ok(())
@@ -222,7 +255,7 @@ impl<B: LogIo> FlushJob<B> {
     fn first_path(&self) -> PathBuf {
         self.segments
             .first()
-            .map(|s| s.writer.path().to_owned())
+            .map(|s| s.1.path().to_owned())
             .unwrap_or_default()
     }
 }
@@ -236,7 +269,8 @@ pub struct Partition<B: LogIo> {
     next_offset: Offset,
     pending_bytes: u64,
     pending_since: Option<Instant>,
-    flush_in_flight: bool,
+    write_in_flight: bool,
+    sync_in_flight: bool,
     fenced: Option<(&'static str, String)>,
     appended: Watermark,
     written: Watermark,
@@ -355,7 +389,8 @@ impl<B: LogIo> Partition<B> {
             next_offset,
             pending_bytes: 0,
             pending_since: None,
-            flush_in_flight: false,
+            write_in_flight: false,
+            sync_in_flight: false,
             fenced: None,
             appended: Watermark::new(next_offset.0),
             written: Watermark::new(next_offset.0),
@@ -510,10 +545,11 @@ impl<B: LogIo> Partition<B> {
         }
     }
 
-    /// Takes every staged byte into a flush job, unless a job is already in flight
-    /// (jobs run one at a time, so writes of the same block never race).
+    /// Takes every staged byte into a write job, unless one is already in flight
+    /// (write jobs run one at a time, so two writes of the same block never race; a
+    /// sync may run beside it).
     pub fn begin_flush(&mut self) -> Option<FlushJob<B>> {
-        if self.fenced.is_some() || self.flush_in_flight {
+        if self.fenced.is_some() || self.write_in_flight {
             return None;
         }
         let io = &self.io;
@@ -525,7 +561,7 @@ impl<B: LogIo> Partition<B> {
         if segments.is_empty() {
             return None;
         }
-        self.flush_in_flight = true;
+        self.write_in_flight = true;
         let bytes = self.pending_bytes;
         self.pending_bytes = 0;
         self.pending_since = None;
@@ -544,7 +580,8 @@ impl<B: LogIo> Partition<B> {
         job: &FlushJob<B>,
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
-        assert!(self.flush_in_flight, "complete_write without a flush");
+        assert!(self.write_in_flight, "complete_write without a write job");
+        self.write_in_flight = false;
         if let Err(e) = result {
             return Err(self.fence("write", &job.first_path(), e));
         }
@@ -560,36 +597,64 @@ impl<B: LogIo> Partition<B> {
             }
         }
         self.written.advance(job.upto.0);
+        if self.pending_bytes >= self.config.flush_bytes {
+            self.kicks.advance(self.kicks.get() + 1);
+        }
         Ok(())
     }
 
-    /// Reports the outcome of [`FlushJob::sync`]: advances the durable watermark
+    /// Takes an fdatasync of every segment with unsynced written bytes, unless a
+    /// sync is in flight or nothing is unsynced.
+    pub fn begin_sync(&mut self) -> Option<SyncJob<B>> {
+        if self.fenced.is_some() || self.sync_in_flight || self.written.get() == self.durable.get()
+        {
+            return None;
+        }
+        let segments: Vec<_> = self
+            .segments
+            .iter()
+            .filter(|s| s.needs_sync())
+            .map(|s| (s.base, s.writer().clone(), s.written_len))
+            .collect();
+        assert!(
+            !segments.is_empty(),
+            "written ahead of durable, yet nothing to sync"
+        );
+        self.sync_in_flight = true;
+        Some(SyncJob {
+            segments,
+            upto: self.written_offset(),
+        })
+    }
+
+    /// Reports the outcome of [`SyncJob::run`]: advances the durable watermark
     /// (acknowledging `Fsync` producers) and trims sealed segments that are done.
     pub fn complete_sync(
         &mut self,
-        job: &FlushJob<B>,
+        job: &SyncJob<B>,
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
-        assert!(self.flush_in_flight, "complete_sync without a flush");
-        self.flush_in_flight = false;
+        assert!(self.sync_in_flight, "complete_sync without a sync job");
+        self.sync_in_flight = false;
         if let Err(e) = result {
             // Never retry an fsync: the kernel may have dropped the dirty pages.
             return Err(self.fence("fdatasync", &job.first_path(), e));
         }
         assert!(job.upto.0 <= self.written.get(), "sync ahead of write");
+        for (base, _, len) in &job.segments {
+            if let Some(seg) = self.segments.iter_mut().find(|s| s.base == *base) {
+                seg.synced_len = seg.synced_len.max(*len);
+            }
+        }
         self.durable.advance(job.upto.0);
         for seg in self.segments.iter_mut() {
-            if seg.state == (segment::SegmentState::Sealed { trimmed: false })
-                && seg.fully_written()
+            if seg.state == (segment::SegmentState::Sealed { trimmed: false }) && seg.fully_synced()
             {
                 if let Err(e) = seg.trim() {
                     let reason = e.to_string();
                     return Err(self.fence_with("truncate", reason));
                 }
             }
-        }
-        if self.pending_bytes >= self.config.flush_bytes {
-            self.kicks.advance(self.kicks.get() + 1);
         }
         Ok(())
     }
@@ -601,7 +666,8 @@ impl<B: LogIo> Partition<B> {
 
     fn fence_with(&mut self, op: &'static str, reason: String) -> StorageError {
         tracing::error!(dir = %self.dir.display(), op, %reason, "partition fenced");
-        self.flush_in_flight = false;
+        self.write_in_flight = false;
+        self.sync_in_flight = false;
         let why = WaitFailed(format!("partition fenced after a failed {op}: {reason}").into());
         self.written.fail(why.clone());
         self.durable.fail(why);
@@ -610,20 +676,25 @@ impl<B: LogIo> Partition<B> {
     }
 
     /// Writes and syncs everything appended so far. Holds `&mut self` across the
-    /// I/O; drivers that keep appending during a flush use `begin_flush` and the
-    /// `complete_*` calls instead (see [`flush_shared`]).
+    /// I/O; drivers that keep appending during a flush use the job calls instead
+    /// (see [`write_shared`] and [`sync_shared`]).
     pub async fn flush(&mut self) -> Result<(), StorageError> {
-        if let Some(e) = self.fenced_error() {
-            return Err(e);
-        }
-        let Some(mut job) = self.begin_flush() else {
-            return Ok(());
-        };
+        self.check_fenced()?;
         let io = self.io.clone();
-        let r = job.write(&io).await;
-        self.complete_write(&job, r)?;
-        let r = job.sync(&io).await;
-        self.complete_sync(&job, r)
+        if let Some(mut job) = self.begin_flush() {
+            let r = job.write(&io).await;
+            self.complete_write(&job, r)?;
+        }
+        if let Some(job) = self.begin_sync() {
+            let r = job.run(&io).await;
+            self.complete_sync(&job, r)?;
+        }
+        Ok(())
+    }
+
+    /// `Err(Fenced)` once a write or sync has failed.
+    pub fn check_fenced(&self) -> Result<(), StorageError> {
+        self.fenced_error().map_or(Ok(()), Err)
     }
 
     /// [`Partition::flush`] for backends whose futures complete synchronously
@@ -764,10 +835,10 @@ fn role_is_active(role: Role) -> bool {
     matches!(role, Role::Active { .. })
 }
 
-/// Runs one flush on a partition shared with appenders: the partition is borrowed
-/// only between I/O steps, never across an await. Returns whether anything was
-/// flushed.
-pub async fn flush_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
+/// Runs one write job on a partition shared with appenders: the partition is
+/// borrowed only between I/O steps, never across an await. Returns whether
+/// anything was written.
+pub async fn write_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
     let job = part.borrow_mut().begin_flush();
     let Some(mut job) = job else {
         return Ok(false);
@@ -775,7 +846,17 @@ pub async fn flush_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
     part.borrow_mut().complete_write(&job, r)?;
-    let r = job.sync(&io).await;
+    Ok(true)
+}
+
+/// Runs one sync job on a shared partition; returns whether one ran.
+pub async fn sync_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
+    let job = part.borrow_mut().begin_sync();
+    let Some(job) = job else {
+        return Ok(false);
+    };
+    let io = part.borrow().io.clone();
+    let r = job.run(&io).await;
     part.borrow_mut().complete_sync(&job, r)?;
     Ok(true)
 }

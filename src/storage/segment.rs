@@ -280,6 +280,8 @@ pub(crate) struct Segment<B: LogIo> {
     /// Bytes whose write completed: readers see up to here.
     pub(crate) written_len: u64,
     pub(crate) written_next: Offset,
+    /// Bytes covered by a completed fdatasync.
+    pub(crate) synced_len: u64,
     /// Bytes handed to a flush job.
     flush_issued_len: u64,
     index: Vec<IndexEntry>,
@@ -400,6 +402,7 @@ impl<B: LogIo> Segment<B> {
             next_offset: base,
             written_len: 0,
             written_next: base,
+            synced_len: 0,
             flush_issued_len: 0,
             index: Vec::new(),
             index_persisted: 0,
@@ -579,6 +582,7 @@ impl<B: LogIo> Segment<B> {
         seg.len = len;
         seg.flush_issued_len = len;
         seg.written_len = len;
+        seg.synced_len = len;
         seg.next_offset = next_offset;
         seg.written_next = next_offset;
         seg.map =
@@ -830,15 +834,24 @@ impl<B: LogIo> Segment<B> {
         Ok(())
     }
 
-    /// Whether every appended byte has been written.
-    pub(crate) fn fully_written(&self) -> bool {
-        self.written_len == self.len
+    /// Whether every appended byte is written and fdatasynced.
+    pub(crate) fn fully_synced(&self) -> bool {
+        self.synced_len == self.len
+    }
+
+    /// Bytes written but not yet covered by an fdatasync.
+    pub(crate) fn needs_sync(&self) -> bool {
+        self.written_len > self.synced_len
+    }
+
+    pub(crate) fn writer(&self) -> &Rc<SegmentWriter<B>> {
+        &self.writer
     }
 
     /// Cuts a sealed, fully durable segment to its real length and closes its writer.
     pub(crate) fn trim(&mut self) -> Result<(), StorageError> {
         assert_eq!(self.state, SegmentState::Sealed { trimmed: false });
-        assert!(self.fully_written());
+        assert!(self.fully_synced());
         self.file
             .set_len(self.len)
             .map_err(|e| StorageError::io("truncate", &self.path, e))?;

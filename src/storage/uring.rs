@@ -5,7 +5,7 @@
 //! bootstrap and the network layer), so swapping the runtime touches only them.
 
 use crate::storage::io::{LogIo, WriteBuf};
-use crate::storage::partition::{flush_shared, FlushDue, Partition};
+use crate::storage::partition::{sync_shared, write_shared, FlushDue, Partition};
 use crate::storage::watermark::Watermark;
 use crate::storage::StorageError;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
@@ -96,13 +96,32 @@ impl LogIo for UringIo {
     }
 }
 
-/// The group-commit loop for one partition: flushes when `flush_bytes` are pending
-/// or the oldest pending byte has waited `flush_delay_us`, whichever comes first,
-/// waking acknowledgement waiters as the watermarks advance. Returns after a final
-/// flush once `stop` reaches 1, or with the error that fenced the partition.
+/// The group-commit driver for one partition. Two loops share it:
+/// - the writer flushes staged bytes when `flush_bytes` are pending or the oldest
+///   pending byte has waited `flush_delay_us`, whichever comes first, waking
+///   `Memory` waiters as each write completes;
+/// - the syncer issues one fdatasync whenever written bytes are not yet durable,
+///   covering everything written before it (group commit), waking `Fsync` waiters.
+///
+/// Writes therefore keep streaming while a sync is in flight. Returns after a final
+/// write and sync once `stop` reaches 1, or with the error that fenced the partition.
 pub async fn group_commit<B: LogIo>(
     part: Rc<RefCell<Partition<B>>>,
     stop: Watermark,
+) -> Result<(), StorageError> {
+    let writer_done = Watermark::new(0);
+    let writer = async {
+        let r = write_loop(&part, &stop).await;
+        writer_done.advance(1);
+        r
+    };
+    let (w, s) = futures_lite::future::zip(writer, sync_loop(&part, &writer_done)).await;
+    w.and(s)
+}
+
+async fn write_loop<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    stop: &Watermark,
 ) -> Result<(), StorageError> {
     let (appended, kicks) = {
         let p = part.borrow();
@@ -113,35 +132,57 @@ pub async fn group_commit<B: LogIo>(
     };
     loop {
         if stop.get() >= 1 {
-            while flush_shared(&part).await? {}
+            while write_shared(part).await? {}
             return Ok(());
         }
         let due = part.borrow().flush_due(Instant::now());
         match due {
             FlushDue::Idle => {
+                part.borrow().check_fenced()?;
                 let next = appended.get() + 1;
-                futures_lite::future::or(
-                    async {
-                        appended.wait_for(next).await.ok();
-                    },
-                    stopped(),
-                )
-                .await;
+                let more = async {
+                    appended.wait_for(next).await.ok();
+                };
+                futures_lite::future::or(more, stopped()).await;
             }
             FlushDue::At(at) => {
                 let kick = kicks.get() + 1;
                 let wait = at.saturating_duration_since(Instant::now());
-                futures_lite::future::or(
-                    futures_lite::future::or(glommio::timer::sleep(wait), async {
-                        kicks.wait_for(kick).await.ok();
-                    }),
-                    stopped(),
-                )
-                .await;
+                let kicked = async {
+                    kicks.wait_for(kick).await.ok();
+                };
+                let timer = futures_lite::future::or(glommio::timer::sleep(wait), kicked);
+                futures_lite::future::or(timer, stopped()).await;
             }
             FlushDue::Now => {
-                flush_shared(&part).await?;
+                write_shared(part).await?;
             }
         }
+    }
+}
+
+async fn sync_loop<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    writer_done: &Watermark,
+) -> Result<(), StorageError> {
+    let written = part.borrow().written_watch();
+    loop {
+        if sync_shared(part).await? {
+            continue;
+        }
+        part.borrow().check_fenced()?;
+        if writer_done.get() >= 1 {
+            // The writer wrote its last bytes before finishing; one more pass
+            // above found nothing unsynced.
+            return Ok(());
+        }
+        let durable = part.borrow().durable_offset().0;
+        let more = async {
+            written.wait_for(durable + 1).await.ok();
+        };
+        let done = async {
+            writer_done.wait_for(1).await.ok();
+        };
+        futures_lite::future::or(more, done).await;
     }
 }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Storage-engine benchmark with its ceiling measured in the same run.
+# 1. Disk ceiling: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1).
+# 2. criterion: batch CRC/validation, partition append (memory, fsync), sequential read.
+# 3. Prints each append figure as a ratio of the ceiling.
+# Usage: tools/bench-storage.sh [DIR]   (DIR: where to write; default: target/bench-scratch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scratch=${1:-target/bench-scratch}
+mkdir -p "$scratch"
+
+echo "== disk ceiling: dd oflag=direct bs=1M count=2048"
+dd_out=$(dd if=/dev/zero of="$scratch/dd.test" bs=1M count=2048 oflag=direct 2>&1 | tail -1)
+rm -f "$scratch/dd.test"
+echo "$dd_out"
+secs=$(echo "$dd_out" | sed -E 's/.* copied, ([0-9.]+) s.*/\1/')
+ceiling_mib=$(python3 -c "print(2048/$secs)")
+printf 'ceiling: %.0f MiB/s\n' "$ceiling_mib"
+
+echo "== criterion"
+cargo bench --bench batch 2>&1 | grep -E '^batch/|thrpt:' | tee target/bench-batch.txt
+cargo bench --bench partition 2>&1 | grep -E '^partition|thrpt:' | tee target/bench-partition.txt
+
+echo "== ratios to the disk ceiling (median throughput)"
+python3 - "$ceiling_mib" target/bench-partition.txt <<'PY'
+import re, sys
+ceiling = float(sys.argv[1])
+name = None
+for line in open(sys.argv[2]):
+    if line.startswith("partition"):
+        name = line.split()[0]
+    m = re.search(r"thrpt:\s+\[\S+ \S+ ([0-9.]+) (GiB|MiB)/s", line)
+    if m and name:
+        v = float(m.group(1)) * (1024 if m.group(2) == "GiB" else 1)
+        print(f"{name:55s} {v:8.0f} MiB/s  = {v / ceiling:4.2f} x ceiling ({ceiling:.0f} MiB/s)")
+        name = None
+PY
