@@ -380,3 +380,62 @@ fn failed_write_fences_the_partition() {
 fn failed_fsync_fences_the_partition_and_is_never_retried() {
     fence_case(u32::MAX, 1, "fdatasync");
 }
+
+#[test]
+fn out_of_order_job_completion_publishes_only_a_prefix() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        segment_bytes: 16 << 20,
+        flush_bytes: 1 << 20,
+        ..PartitionConfig::default()
+    };
+    let (mut p, _) = open(dir.path(), cfg);
+    let io = p.io().clone();
+    // ~1.5 MiB pending: the first job takes only the full 1 MiB chunk.
+    for i in 0..3 {
+        append(&mut p, &batch(&format!("a{i}"), 500, 1000, 1_000));
+    }
+    let mut first = p.begin_flush(FlushScope::Due).expect("first job");
+    for i in 3..6 {
+        append(&mut p, &batch(&format!("b{i}"), 500, 1000, 1_000));
+    }
+    let mut second = p
+        .begin_flush(FlushScope::Due)
+        .expect("second job runs beside the first");
+    // A third job would have to take the partial block: it waits for nothing here,
+    // but once it is in flight no further job may start.
+    append(&mut p, &batch("c", 10, 10, 1_000));
+    let mut third = p.begin_flush(FlushScope::All).expect("third job");
+    append(&mut p, &batch("d", 10, 10, 1_000));
+    assert!(
+        p.begin_flush(FlushScope::All).is_none(),
+        "a job started while a carried block was in flight"
+    );
+
+    let r = futures_lite::future::block_on(second.write(&io));
+    p.complete_write(&second, r).unwrap();
+    assert_eq!(
+        p.written_offset(),
+        Offset(0),
+        "published past an unfinished earlier job"
+    );
+    let r = futures_lite::future::block_on(third.write(&io));
+    p.complete_write(&third, r).unwrap();
+    assert_eq!(p.written_offset(), Offset(0));
+    let r = futures_lite::future::block_on(first.write(&io));
+    p.complete_write(&first, r).unwrap();
+    assert_eq!(
+        p.written_offset(),
+        Offset(3010),
+        "all three jobs published once the first finished"
+    );
+    p.flush_blocking().unwrap();
+    assert_eq!(p.durable_offset(), Offset(3020));
+    let all = read_all(&p, Offset(0));
+    assert_eq!(all.len(), 3020);
+    drop(p);
+    let (p, rep) = open(dir.path(), small_config());
+    assert_eq!(rep.truncated_bytes, 0);
+    assert_eq!(read_all(&p, Offset(0)).len(), 3020);
+}

@@ -22,8 +22,8 @@ pub mod watermark;
 
 pub use io::{DirectIo, LogIo, StdIo};
 pub use partition::{
-    Appended, Durability, Fetch, FlushDue, FlushJob, Partition, PartitionConfig, RecoveryPolicy,
-    RecoveryReport, RetentionReport, SyncJob,
+    Appended, Durability, Fetch, FlushDue, FlushJob, FlushScope, Partition, PartitionConfig,
+    RecoveryPolicy, RecoveryReport, RetentionReport, SyncJob,
 };
 
 use crate::batch::BatchError;

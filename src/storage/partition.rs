@@ -135,6 +135,16 @@ impl Fetch {
     }
 }
 
+/// Which staged bytes a write job takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushScope {
+    /// What group commit calls for: full chunks when enough bytes are pending,
+    /// everything when the delay ran out.
+    Due,
+    /// Everything, including the partial last block (explicit flush, shutdown).
+    All,
+}
+
 /// When the group-commit driver should flush next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushDue {
@@ -169,34 +179,30 @@ pub struct RetentionReport {
 
 /// The chunks one flush writes, and the watermark it moves.
 pub struct FlushJob<B: LogIo> {
+    id: u64,
     segments: Vec<SegmentFlush<B>>,
-    upto: Offset,
     bytes: u64,
 }
 
 impl<B: LogIo> std::fmt::Debug for FlushJob<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlushJob")
+            .field("id", &self.id)
             .field("segments", &self.segments.len())
-            .field("upto", &self.upto)
             .field("bytes", &self.bytes)
             .finish()
     }
 }
 
 impl<B: LogIo> FlushJob<B> {
-    /// The offset that becomes written (then durable) when this job completes.
-    pub fn upto(&self) -> Offset {
-        self.upto
-    }
-
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// Writes every chunk. Segments are written in log order, so a later segment
-    /// never holds data while an earlier one has a hole; within a segment up to
-    /// `FLUSH_WRITES_IN_FLIGHT_MAX` chunk writes are in flight at once.
+    /// Writes every chunk, up to `FLUSH_WRITES_IN_FLIGHT_MAX` at once. Writes may
+    /// land in any order (and jobs may overlap); the partition publishes only the
+    /// prefix of jobs that completed, and recovery cuts any unpublished bytes that
+    /// follow a hole.
     pub async fn write(&mut self, io: &B) -> std::io::Result<()> {
         for seg in &mut self.segments {
             let file = seg.writer.file(io).await?;
@@ -267,9 +273,13 @@ pub struct Partition<B: LogIo> {
     io: B,
     segments: VecDeque<Segment<B>>,
     next_offset: Offset,
-    pending_bytes: u64,
     pending_since: Option<Instant>,
-    write_in_flight: bool,
+    /// Write jobs in flight, oldest first: `(id, done, per-segment end positions)`.
+    jobs: VecDeque<(u64, bool, Vec<(Offset, u64)>)>,
+    next_job_id: u64,
+    /// The in-flight job that writes a partial block the next job would rewrite;
+    /// no job starts until it completes.
+    carry_job: Option<u64>,
     sync_in_flight: bool,
     fenced: Option<(&'static str, String)>,
     appended: Watermark,
@@ -387,9 +397,10 @@ impl<B: LogIo> Partition<B> {
             io,
             segments,
             next_offset,
-            pending_bytes: 0,
             pending_since: None,
-            write_in_flight: false,
+            jobs: VecDeque::new(),
+            next_job_id: 0,
+            carry_job: None,
             sync_in_flight: false,
             fenced: None,
             appended: Watermark::new(next_offset.0),
@@ -501,11 +512,10 @@ impl<B: LogIo> Partition<B> {
         active.append(io, &b, base);
         self.next_offset = active.next_offset;
         assert_eq!(self.next_offset, base.plus(span));
-        let before = self.pending_bytes;
-        self.pending_bytes += len;
+        let pending = self.pending_bytes();
         self.pending_since.get_or_insert(now);
         self.appended.advance(self.next_offset.0);
-        if before < self.config.flush_bytes && self.pending_bytes >= self.config.flush_bytes {
+        if pending - len < self.config.flush_bytes && pending >= self.config.flush_bytes {
             self.kicks.advance(self.kicks.get() + 1);
         }
         Ok(Appended {
@@ -528,12 +538,23 @@ impl<B: LogIo> Partition<B> {
         Ok(())
     }
 
+    /// Bytes appended but not yet handed to a write job.
+    pub fn pending_bytes(&self) -> u64 {
+        self.segments.iter().map(Segment::unflushed_bytes).sum()
+    }
+
+    /// Write jobs in flight.
+    pub fn writes_in_flight(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// When the group-commit driver should flush.
     pub fn flush_due(&self, now: Instant) -> FlushDue {
-        if self.fenced.is_some() || self.pending_bytes == 0 {
+        let pending = self.pending_bytes();
+        if self.fenced.is_some() || pending == 0 {
             return FlushDue::Idle;
         }
-        if self.pending_bytes >= self.config.flush_bytes {
+        if pending >= self.config.flush_bytes {
             return FlushDue::Now;
         }
         let since = self.pending_since.unwrap_or(now);
@@ -545,59 +566,102 @@ impl<B: LogIo> Partition<B> {
         }
     }
 
-    /// Takes every staged byte into a write job, unless one is already in flight
-    /// (write jobs run one at a time, so two writes of the same block never race; a
-    /// sync may run beside it).
-    pub fn begin_flush(&mut self) -> Option<FlushJob<B>> {
-        if self.fenced.is_some() || self.write_in_flight {
+    /// Takes staged bytes into a write job. With [`FlushScope::Due`] and at least
+    /// `flush_bytes` pending, only full chunks go (so jobs never overlap and several
+    /// stream at once); otherwise the partial last chunk goes too, and its job
+    /// must finish before the next starts, because the next rewrites that block.
+    /// Returns `None` when nothing is pending, `FLUSH_JOBS_IN_FLIGHT_MAX` jobs are
+    /// running, a carry job is running, or the partition is fenced.
+    pub fn begin_flush(&mut self, scope: FlushScope) -> Option<FlushJob<B>> {
+        if self.fenced.is_some()
+            || self.carry_job.is_some()
+            || self.jobs.len() >= limits::FLUSH_JOBS_IN_FLIGHT_MAX
+        {
             return None;
         }
+        let include_partial =
+            scope == FlushScope::All || self.pending_bytes() < self.config.flush_bytes;
         let io = &self.io;
-        let segments: Vec<_> = self
-            .segments
-            .iter_mut()
-            .filter_map(|s| s.take_unflushed(io))
-            .collect();
+        let mut carries = false;
+        let mut segments = Vec::new();
+        for seg in self.segments.iter_mut() {
+            if let Some((sf, c)) = seg.take_unflushed(io, include_partial) {
+                carries |= c;
+                segments.push(sf);
+            }
+        }
         if segments.is_empty() {
             return None;
         }
-        self.write_in_flight = true;
-        let bytes = self.pending_bytes;
-        self.pending_bytes = 0;
-        self.pending_since = None;
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        let bytes = segments
+            .iter()
+            .flat_map(|s| s.chunks.iter())
+            .map(|c| c.filled as u64)
+            .sum();
+        self.jobs.push_back((
+            id,
+            false,
+            segments.iter().map(|s| (s.base, s.upto_len)).collect(),
+        ));
+        if carries {
+            self.carry_job = Some(id);
+        }
+        if self.pending_bytes() == 0 {
+            self.pending_since = None;
+        }
         Some(FlushJob {
+            id,
             segments,
-            upto: self.next_offset,
             bytes,
         })
     }
 
-    /// Reports the outcome of [`FlushJob::write`]. On success the written
-    /// watermark advances and `Memory` producers are acknowledged; on failure the
-    /// partition is fenced.
+    /// Reports the outcome of [`FlushJob::write`]. Once every earlier job has
+    /// completed too, the written watermark advances over the whole batches they
+    /// cover and `Memory` producers are acknowledged; a failure fences the
+    /// partition.
     pub fn complete_write(
         &mut self,
         job: &FlushJob<B>,
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
-        assert!(self.write_in_flight, "complete_write without a write job");
-        self.write_in_flight = false;
+        let entry = self
+            .jobs
+            .iter_mut()
+            .find(|j| j.0 == job.id)
+            .expect("complete_write for a job that is not in flight");
+        entry.1 = true;
+        if self.carry_job == Some(job.id) {
+            self.carry_job = None;
+        }
         if let Err(e) = result {
             return Err(self.fence("write", &job.first_path(), e));
         }
-        for sf in &job.segments {
-            let seg = self
-                .segments
-                .iter_mut()
-                .find(|s| s.base == sf.base)
-                .expect("a segment being flushed is never deleted");
-            if let Err(e) = seg.mark_written(sf.upto_len, sf.upto_next) {
-                let reason = e.to_string();
-                return Err(self.fence_with("index write", reason));
+        while self.jobs.front().is_some_and(|j| j.1) {
+            let (_, _, ends) = self.jobs.pop_front().expect("checked");
+            for (base, end) in ends {
+                let seg = self
+                    .segments
+                    .iter_mut()
+                    .find(|s| s.base == base)
+                    .expect("a segment being flushed is never deleted");
+                if let Err(e) = seg.advance_written(end) {
+                    let reason = e.to_string();
+                    return Err(self.fence_with("index write", reason));
+                }
             }
         }
-        self.written.advance(job.upto.0);
-        if self.pending_bytes >= self.config.flush_bytes {
+        // Jobs complete as a prefix of the log: every segment before the first one
+        // not fully written is fully written, and none after it has published.
+        let written = self
+            .segments
+            .iter()
+            .find(|s| s.written_len < s.len)
+            .map_or(self.next_offset, |s| s.written_next);
+        self.written.advance(written.0);
+        if self.pending_bytes() >= self.config.flush_bytes {
             self.kicks.advance(self.kicks.get() + 1);
         }
         Ok(())
@@ -666,7 +730,8 @@ impl<B: LogIo> Partition<B> {
 
     fn fence_with(&mut self, op: &'static str, reason: String) -> StorageError {
         tracing::error!(dir = %self.dir.display(), op, %reason, "partition fenced");
-        self.write_in_flight = false;
+        self.jobs.clear();
+        self.carry_job = None;
         self.sync_in_flight = false;
         let why = WaitFailed(format!("partition fenced after a failed {op}: {reason}").into());
         self.written.fail(why.clone());
@@ -677,11 +742,11 @@ impl<B: LogIo> Partition<B> {
 
     /// Writes and syncs everything appended so far. Holds `&mut self` across the
     /// I/O; drivers that keep appending during a flush use the job calls instead
-    /// (see [`write_shared`] and [`sync_shared`]).
+    /// (see [`run_write_shared`] and [`sync_shared`]).
     pub async fn flush(&mut self) -> Result<(), StorageError> {
         self.check_fenced()?;
         let io = self.io.clone();
-        if let Some(mut job) = self.begin_flush() {
+        while let Some(mut job) = self.begin_flush(FlushScope::All) {
             let r = job.write(&io).await;
             self.complete_write(&job, r)?;
         }
@@ -836,17 +901,14 @@ fn role_is_active(role: Role) -> bool {
 }
 
 /// Runs one write job on a partition shared with appenders: the partition is
-/// borrowed only between I/O steps, never across an await. Returns whether
-/// anything was written.
-pub async fn write_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
-    let job = part.borrow_mut().begin_flush();
-    let Some(mut job) = job else {
-        return Ok(false);
-    };
+/// borrowed only between I/O steps, never across an await.
+pub async fn run_write_shared<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    mut job: FlushJob<B>,
+) -> Result<(), StorageError> {
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
-    part.borrow_mut().complete_write(&job, r)?;
-    Ok(true)
+    part.borrow_mut().complete_write(&job, r)
 }
 
 /// Runs one sync job on a shared partition; returns whether one ran.

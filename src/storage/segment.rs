@@ -250,8 +250,8 @@ pub(crate) struct SegmentFlush<B: LogIo> {
     pub(crate) base: Offset,
     pub(crate) writer: Rc<SegmentWriter<B>>,
     pub(crate) chunks: Vec<Chunk<B::Buf>>,
+    /// File position just past the last chunk byte this job writes.
     pub(crate) upto_len: u64,
-    pub(crate) upto_next: Offset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +284,9 @@ pub(crate) struct Segment<B: LogIo> {
     pub(crate) synced_len: u64,
     /// Bytes handed to a flush job.
     flush_issued_len: u64,
+    /// `(end position, next offset)` of appended batches not yet published as
+    /// written; chunk writes end anywhere, readers only ever see whole batches.
+    batch_ends: std::collections::VecDeque<(u64, Offset)>,
     index: Vec<IndexEntry>,
     index_persisted: usize,
     time_index: Vec<TimeEntry>,
@@ -404,6 +407,7 @@ impl<B: LogIo> Segment<B> {
             written_next: base,
             synced_len: 0,
             flush_issued_len: 0,
+            batch_ends: std::collections::VecDeque::new(),
             index: Vec::new(),
             index_persisted: 0,
             time_index: Vec::new(),
@@ -723,6 +727,7 @@ impl<B: LogIo> Segment<B> {
         self.copy_in(io, &header);
         self.copy_in(io, &bytes[HEADER_LEN..]);
         self.next_offset = last.plus(1);
+        self.batch_ends.push_back((self.len, self.next_offset));
     }
 
     fn copy_in(&mut self, io: &B, mut src: &[u8]) {
@@ -764,40 +769,81 @@ impl<B: LogIo> Segment<B> {
         self.push_final_time_entry();
     }
 
-    /// Hands every byte not yet given to a flush to the caller, in file order.
-    pub(crate) fn take_unflushed(&mut self, io: &B) -> Option<SegmentFlush<B>> {
+    /// Hands bytes not yet given to a flush to the caller, in file order: the full
+    /// chunks, plus the partial staging chunk when `include_partial` (or when there
+    /// is no full chunk). Returns the flush and whether it writes a partial last
+    /// block that the next write of this segment will rewrite (a "carry").
+    pub(crate) fn take_unflushed(
+        &mut self,
+        io: &B,
+        include_partial: bool,
+    ) -> Option<(SegmentFlush<B>, bool)> {
         if self.len == self.flush_issued_len {
             return None;
         }
         let mut chunks = std::mem::take(&mut self.ready);
-        if let Some(st) = self.staging.take() {
-            if st.filled % IO_ALIGN_BYTES != 0 {
-                let keep = st.filled / IO_ALIGN_BYTES * IO_ALIGN_BYTES;
-                let mut next = self.new_chunk(io, st.pos + keep as u64);
-                let n = st.filled - keep;
-                next.buf.as_mut_slice()[..n].copy_from_slice(&st.buf.as_slice()[keep..st.filled]);
-                next.filled = n;
-                self.staging = Some(next);
+        let mut carries = false;
+        if include_partial || chunks.is_empty() {
+            if let Some(st) = self.staging.take() {
+                if st.pos + st.filled as u64 > self.flush_issued_len {
+                    if st.filled % IO_ALIGN_BYTES != 0 {
+                        let keep = st.filled / IO_ALIGN_BYTES * IO_ALIGN_BYTES;
+                        let mut next = self.new_chunk(io, st.pos + keep as u64);
+                        let n = st.filled - keep;
+                        next.buf.as_mut_slice()[..n]
+                            .copy_from_slice(&st.buf.as_slice()[keep..st.filled]);
+                        next.filled = n;
+                        self.staging = Some(next);
+                        carries = true;
+                    }
+                    chunks.push(st);
+                } else {
+                    self.staging = Some(st);
+                }
             }
-            chunks.push(st);
         }
-        self.flush_issued_len = self.len;
-        Some(SegmentFlush {
-            base: self.base,
-            writer: self.writer.clone(),
-            chunks,
-            upto_len: self.len,
-            upto_next: self.next_offset,
-        })
+        let last = chunks.last()?;
+        let end = last.pos + last.filled as u64;
+        assert!(
+            end > self.flush_issued_len && end <= self.len,
+            "flush range out of order"
+        );
+        self.flush_issued_len = end;
+        Some((
+            SegmentFlush {
+                base: self.base,
+                writer: self.writer.clone(),
+                chunks,
+                upto_len: end,
+            },
+            carries,
+        ))
     }
 
-    /// Publishes bytes whose write completed and persists index entries for them.
-    pub(crate) fn mark_written(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
+    /// Bytes appended but not yet handed to a flush.
+    pub(crate) fn unflushed_bytes(&self) -> u64 {
+        self.len - self.flush_issued_len
+    }
+
+    /// Every byte before `end` has been written: publish the whole batches in it
+    /// and persist their index entries.
+    pub(crate) fn advance_written(&mut self, end: u64) -> Result<(), StorageError> {
+        assert!(end <= self.flush_issued_len, "written past what was issued");
+        let mut last = None;
+        while let Some(&(e, n)) = self.batch_ends.front() {
+            if e > end {
+                break;
+            }
+            last = Some((e, n));
+            self.batch_ends.pop_front();
+        }
+        let Some((len, next)) = last else {
+            return Ok(());
+        };
         assert!(
-            len >= self.written_len && len <= self.len,
-            "written length out of order"
+            len > self.written_len && next > self.written_next,
+            "written moved back"
         );
-        assert!(next >= self.written_next);
         self.written_len = len;
         self.written_next = next;
         self.persist_index(len, next)

@@ -5,9 +5,10 @@
 //! bootstrap and the network layer), so swapping the runtime touches only them.
 
 use crate::storage::io::{LogIo, WriteBuf};
-use crate::storage::partition::{sync_shared, write_shared, FlushDue, Partition};
+use crate::storage::partition::{run_write_shared, sync_shared, FlushDue, FlushScope, Partition};
 use crate::storage::watermark::Watermark;
 use crate::storage::StorageError;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use std::cell::RefCell;
 use std::future::Future;
@@ -119,6 +120,12 @@ pub async fn group_commit<B: LogIo>(
     w.and(s)
 }
 
+/// What ended one wait of the writer loop.
+enum Event {
+    JobDone(Result<(), StorageError>),
+    Wake,
+}
+
 async fn write_loop<B: LogIo>(
     part: &RefCell<Partition<B>>,
     stop: &Watermark,
@@ -127,36 +134,68 @@ async fn write_loop<B: LogIo>(
         let p = part.borrow();
         (p.appended_watch(), p.flush_kick_watch())
     };
-    let stopped = || async {
-        stop.wait_for(1).await.ok();
-    };
+    let mut running = FuturesUnordered::new();
     loop {
-        if stop.get() >= 1 {
-            while write_shared(part).await? {}
+        let stopping = stop.get() >= 1;
+        // Start every write job that is due (several stream at once under load).
+        loop {
+            let due = part.borrow().flush_due(Instant::now());
+            let scope = if stopping {
+                FlushScope::All
+            } else if due == FlushDue::Now {
+                FlushScope::Due
+            } else {
+                break;
+            };
+            let job = part.borrow_mut().begin_flush(scope);
+            match job {
+                Some(job) => running.push(run_write_shared(part, job)),
+                None => break,
+            }
+        }
+        part.borrow().check_fenced()?;
+        if stopping && running.is_empty() && part.borrow().pending_bytes() == 0 {
             return Ok(());
         }
         let due = part.borrow().flush_due(Instant::now());
-        match due {
-            FlushDue::Idle => {
-                part.borrow().check_fenced()?;
-                let next = appended.get() + 1;
-                let more = async {
+        let next = appended.get() + 1;
+        let kick = kicks.get() + 1;
+        let wake = async {
+            match due {
+                FlushDue::Idle => {
                     appended.wait_for(next).await.ok();
-                };
-                futures_lite::future::or(more, stopped()).await;
+                }
+                FlushDue::At(at) => {
+                    let kicked = async {
+                        kicks.wait_for(kick).await.ok();
+                    };
+                    let wait = at.saturating_duration_since(Instant::now());
+                    futures_lite::future::or(glommio::timer::sleep(wait), kicked).await;
+                }
+                // Due, but no job could start: wait for a running one to finish.
+                FlushDue::Now => std::future::pending::<()>().await,
             }
-            FlushDue::At(at) => {
-                let kick = kicks.get() + 1;
-                let wait = at.saturating_duration_since(Instant::now());
-                let kicked = async {
-                    kicks.wait_for(kick).await.ok();
-                };
-                let timer = futures_lite::future::or(glommio::timer::sleep(wait), kicked);
-                futures_lite::future::or(timer, stopped()).await;
+            Event::Wake
+        };
+        let stopped = async {
+            if !stopping {
+                stop.wait_for(1).await.ok();
+            } else {
+                std::future::pending::<()>().await;
             }
-            FlushDue::Now => {
-                write_shared(part).await?;
+            Event::Wake
+        };
+        let done = async {
+            match running.next().await {
+                Some(r) => Event::JobDone(r),
+                None => std::future::pending().await,
             }
+        };
+        // Completions first, so acknowledgements are never starved by wake-ups.
+        if let Event::JobDone(r) =
+            futures_lite::future::or(done, futures_lite::future::or(wake, stopped)).await
+        {
+            r?;
         }
     }
 }
