@@ -266,6 +266,15 @@ impl<B: LogIo> SyncJob<B> {
     }
 }
 
+/// A write job the partition is waiting on.
+#[derive(Debug)]
+struct InFlightJob {
+    id: u64,
+    done: bool,
+    /// `(segment base, file position the job writes up to)` per segment.
+    ends: Vec<(Offset, u64)>,
+}
+
 pub struct Partition<B: LogIo> {
     dir: PathBuf,
     config: PartitionConfig,
@@ -274,8 +283,8 @@ pub struct Partition<B: LogIo> {
     segments: VecDeque<Segment<B>>,
     next_offset: Offset,
     pending_since: Option<Instant>,
-    /// Write jobs in flight, oldest first: `(id, done, per-segment end positions)`.
-    jobs: VecDeque<(u64, bool, Vec<(Offset, u64)>)>,
+    /// Write jobs in flight, oldest first.
+    jobs: VecDeque<InFlightJob>,
     next_job_id: u64,
     /// The in-flight job that writes a partial block the next job would rewrite;
     /// no job starts until it completes.
@@ -630,18 +639,18 @@ impl<B: LogIo> Partition<B> {
         let entry = self
             .jobs
             .iter_mut()
-            .find(|j| j.0 == job.id)
+            .find(|j| j.id == job.id)
             .expect("complete_write for a job that is not in flight");
-        entry.1 = true;
+        entry.done = true;
         if self.carry_job == Some(job.id) {
             self.carry_job = None;
         }
         if let Err(e) = result {
             return Err(self.fence("write", &job.first_path(), e));
         }
-        while self.jobs.front().is_some_and(|j| j.1) {
-            let (_, _, ends) = self.jobs.pop_front().expect("checked");
-            for (base, end) in ends {
+        while self.jobs.front().is_some_and(|j| j.done) {
+            let done = self.jobs.pop_front().expect("checked");
+            for (base, end) in done.ends {
                 let seg = self
                     .segments
                     .iter_mut()
