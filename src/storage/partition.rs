@@ -609,11 +609,11 @@ impl<B: LogIo> Partition<B> {
             .flat_map(|s| s.chunks.iter())
             .map(|c| c.filled as u64)
             .sum();
-        self.jobs.push_back((
+        self.jobs.push_back(InFlightJob {
             id,
-            false,
-            segments.iter().map(|s| (s.base, s.upto_len)).collect(),
-        ));
+            done: false,
+            ends: segments.iter().map(|s| (s.base, s.upto_len)).collect(),
+        });
         if carries {
             self.carry_job = Some(id);
         }
