@@ -391,7 +391,7 @@ fn out_of_order_job_completion_publishes_only_a_prefix() {
         ..PartitionConfig::default()
     };
     let (mut p, _) = open(dir.path(), cfg);
-    let io = p.io().clone();
+    let io = *p.io();
     // ~1.5 MiB pending: the first job takes only the full 1 MiB chunk.
     for i in 0..3 {
         append(&mut p, &batch(&format!("a{i}"), 500, 1000, 1_000));
