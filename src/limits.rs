@@ -52,3 +52,9 @@ pub const FLUSH_WRITES_IN_FLIGHT_MAX: usize = 8;
 /// bounds a partition's queued write I/O at 32 MiB; the measured device needs a
 /// queue depth of about 4 to pass its single-stream O_DIRECT rate.
 pub const FLUSH_JOBS_IN_FLIGHT_MAX: usize = 4;
+
+/// Without a producer waiting for durability, written bytes are fdatasynced at most
+/// this long after they were written. Syncs cost a journal commit that stalls
+/// concurrent O_DIRECT completions; `Memory` producers do not wait for them, and
+/// 10 ms bounds what a machine crash can take from them.
+pub const SYNC_BACKGROUND_DELAY_US_MAX: u64 = 10_000;

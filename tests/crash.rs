@@ -275,3 +275,129 @@ fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
         p.next_offset().0 - bases[1].0
     );
 }
+
+/// A sealed segment still at its preallocated size was never fully synced: a
+/// hole followed by bytes means a flush that crossed a roll was cut short by a
+/// crash, and nothing from the hole on was acknowledged (regression: such a
+/// segment used to be reported as corrupt and kept).
+#[test]
+fn hole_in_an_untrimmed_sealed_segment_cuts_the_log_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..200 {
+        append(&mut p, &batch(&format!("h{i}"), 2, 400, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    let all = batches(&p);
+    let bases = p.segment_bases();
+    assert!(bases.len() >= 3);
+    drop(p);
+    // Undo the trim and punch a hole over the 5th batch of the first segment.
+    let path = log_path(dir.path(), Offset(0));
+    let mut b = std::fs::read(&path).unwrap();
+    let mut starts = Vec::new();
+    scan(&b, 0, Some(Offset(0)), |x| {
+        starts.push((x.position, x.len, x.base_offset))
+    });
+    let (hole_pos, hole_len, hole_offset) = starts[4];
+    b[hole_pos as usize..(hole_pos + u64::from(hole_len)) as usize].fill(0);
+    b.resize(64 * 1024, 0);
+    std::fs::write(&path, &b).unwrap();
+    // Index entries are persisted only for synced bytes, which stop before the
+    // hole; keep the entries below it.
+    let ix_path = index_path(dir.path(), Offset(0));
+    let ix = std::fs::read(&ix_path).unwrap();
+    let keep: Vec<u8> = ix
+        .chunks_exact(8)
+        .filter(|e| u64::from(u32::from_le_bytes(e[4..8].try_into().unwrap())) < hole_pos)
+        .flatten()
+        .copied()
+        .collect();
+    std::fs::write(&ix_path, keep).unwrap();
+
+    let (p, report) = open(dir.path(), small_config());
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(p.next_offset(), hole_offset);
+    assert_eq!(
+        p.segment_count(),
+        1,
+        "later segments held only unacknowledged data"
+    );
+    assert!(report
+        .removed_files
+        .iter()
+        .any(|f| f.ends_with(format!("{:020}.log", bases[1].0))));
+    let kept: Vec<_> = all
+        .iter()
+        .take_while(|(o, _)| *o < hole_offset)
+        .cloned()
+        .collect();
+    assert_eq!(batches(&p), kept);
+}
+
+/// The base offset is outside the CRC; a damaged one in a sealed segment must
+/// give a typed error on read, never a panic or a silently skipped batch.
+#[test]
+fn damaged_base_offset_is_a_typed_read_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..200 {
+        append(&mut p, &batch(&format!("o{i}"), 2, 400, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    drop(p);
+    let path = log_path(dir.path(), Offset(0));
+    let mut b = std::fs::read(&path).unwrap();
+    let mut starts = Vec::new();
+    scan(&b, 0, Some(Offset(0)), |x| starts.push(x.position));
+    for (i, value) in [(3usize, u64::MAX), (9, 5)] {
+        let at = starts[i] as usize;
+        b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    std::fs::write(&path, &b).unwrap();
+    let (p, _) = open(dir.path(), small_config());
+    let mut errors = 0;
+    for o in 0..30u64 {
+        match p.read(Offset(o), 1 << 20) {
+            Ok(f) => {
+                for c in &f.chunks {
+                    BatchRef::parse(c).unwrap();
+                }
+            }
+            Err(StorageError::OffsetGap { .. }) => errors += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(
+        errors >= 6,
+        "reads across the damaged headers must fail: {errors}"
+    );
+}
+
+/// Crafted batches whose offsets run past what a segment's u32 index can hold
+/// (appends roll long before) end recovery there instead of panicking.
+#[test]
+fn crafted_offsets_beyond_u32_are_cut_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = Vec::new();
+    let mut next = 0u64;
+    for _ in 0..3 {
+        let mut b = batch("big", 1, 10, 1_000);
+        let delta = 3_000_000_000u32;
+        b[ringbus::batch::LAST_OFFSET_DELTA_POS..ringbus::batch::LAST_OFFSET_DELTA_POS + 4]
+            .copy_from_slice(&delta.to_le_bytes());
+        let crc = ringbus::batch::compute_crc(&b);
+        b[ringbus::batch::CRC_POS..ringbus::batch::CRC_POS + 4].copy_from_slice(&crc.to_le_bytes());
+        ringbus::batch::stamp_base_offset(&mut b, Offset(next));
+        next += u64::from(delta) + 1;
+        file.extend_from_slice(&b);
+    }
+    std::fs::write(log_path(dir.path(), Offset(0)), &file).unwrap();
+    let (p, report) = open(dir.path(), small_config());
+    assert_eq!(
+        p.next_offset(),
+        Offset(3_000_000_001),
+        "only the first batch fits a u32 relative offset"
+    );
+    assert!(report.truncated_bytes > 0);
+}

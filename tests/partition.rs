@@ -439,3 +439,43 @@ fn out_of_order_job_completion_publishes_only_a_prefix() {
     assert_eq!(rep.truncated_bytes, 0);
     assert_eq!(read_all(&p, Offset(0)).len(), 3020);
 }
+
+/// Regression: a job still in flight when another fails used to panic on
+/// completion ("not in flight") instead of reporting the fence.
+#[test]
+fn jobs_finishing_after_a_fence_report_it_without_panicking() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        segment_bytes: 16 << 20,
+        ..PartitionConfig::default()
+    };
+    let (mut p, _) = open(dir.path(), cfg);
+    let io = *p.io();
+    for i in 0..3 {
+        append(&mut p, &batch(&format!("a{i}"), 500, 1000, 1_000));
+    }
+    let mut first = p.begin_flush(FlushScope::Due).unwrap();
+    let r = futures_lite::future::block_on(first.write(&io));
+    p.complete_write(&first, r).unwrap();
+    let sync = p.begin_sync().expect("written bytes to sync");
+    for i in 3..6 {
+        append(&mut p, &batch(&format!("b{i}"), 500, 1000, 1_000));
+    }
+    let second = p.begin_flush(FlushScope::Due).unwrap();
+    let third = p.begin_flush(FlushScope::Due).unwrap();
+    let e = p
+        .complete_write(&second, Err(std::io::Error::other("EIO")))
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Fenced { .. }));
+    assert!(matches!(
+        p.complete_write(&third, Ok(())),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert!(matches!(
+        p.complete_sync(&sync, Ok(())),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert!(p.begin_flush(FlushScope::All).is_none());
+    assert!(p.begin_sync().is_none());
+}

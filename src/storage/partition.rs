@@ -229,7 +229,8 @@ impl<B: LogIo> FlushJob<B> {
 
 /// One fdatasync round: every segment with written bytes not yet synced.
 pub struct SyncJob<B: LogIo> {
-    segments: Vec<(Offset, Rc<SegmentWriter<B>>, u64)>,
+    /// `(base, writer, written length, written next offset)` per segment.
+    segments: Vec<(Offset, Rc<SegmentWriter<B>>, u64, Offset)>,
     upto: Offset,
 }
 
@@ -251,7 +252,7 @@ impl<B: LogIo> SyncJob<B> {
     /// fdatasyncs the segments; covers every write that completed before the job
     /// was taken.
     pub async fn run(&self, io: &B) -> std::io::Result<()> {
-        for (_, writer, _) in &self.segments {
+        for (_, writer, _, _) in &self.segments {
             let file = writer.file(io).await?;
             io.sync_data(&file).await?;
         }
@@ -355,7 +356,10 @@ impl<B: LogIo> Partition<B> {
         }
         for (i, &base) in bases.iter().enumerate() {
             let role = match bases.get(i + 1) {
-                Some(&next_base) => Role::Sealed { next_base },
+                Some(&next_base) => Role::Sealed {
+                    next_base,
+                    capacity,
+                },
                 None => Role::Active { capacity },
             };
             let (mut seg, mut rec) = Segment::open(&dir, base, role, full, &io, now)?;
@@ -687,7 +691,7 @@ impl<B: LogIo> Partition<B> {
             .segments
             .iter()
             .filter(|s| s.needs_sync())
-            .map(|s| (s.base, s.writer().clone(), s.written_len))
+            .map(|s| (s.base, s.writer().clone(), s.written_len, s.written_next))
             .collect();
         assert!(
             !segments.is_empty(),
@@ -714,9 +718,16 @@ impl<B: LogIo> Partition<B> {
             return Err(self.fence("fdatasync", &job.first_path(), e));
         }
         assert!(job.upto.0 <= self.written.get(), "sync ahead of write");
-        for (base, _, len) in &job.segments {
-            if let Some(seg) = self.segments.iter_mut().find(|s| s.base == *base) {
-                seg.synced_len = seg.synced_len.max(*len);
+        for (base, _, len, next) in &job.segments {
+            let Some(seg) = self.segments.iter_mut().find(|s| s.base == *base) else {
+                continue;
+            };
+            seg.synced_len = seg.synced_len.max(*len);
+            // Index entries go out only for synced batches, so after a power loss
+            // an entry never points past data the disk may have lost.
+            if let Err(e) = seg.persist_index(*len, *next) {
+                let reason = e.to_string();
+                return Err(self.fence_with("index write", reason));
             }
         }
         self.durable.advance(job.upto.0);
@@ -739,9 +750,8 @@ impl<B: LogIo> Partition<B> {
 
     fn fence_with(&mut self, op: &'static str, reason: String) -> StorageError {
         tracing::error!(dir = %self.dir.display(), op, %reason, "partition fenced");
-        self.jobs.clear();
-        self.carry_job = None;
-        self.sync_in_flight = false;
+        // In-flight bookkeeping stays as it is: jobs still running report back and
+        // get `Fenced`; nothing starts again until the partition is reopened.
         let why = WaitFailed(format!("partition fenced after a failed {op}: {reason}").into());
         self.written.fail(why.clone());
         self.durable.fail(why);

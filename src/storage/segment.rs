@@ -313,8 +313,9 @@ impl<B: LogIo> std::fmt::Debug for Segment<B> {
 /// How a segment is opened by recovery.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Role {
-    /// Not the last segment: the next segment starts at `next_base`.
-    Sealed { next_base: Offset },
+    /// Not the last segment: the next segment starts at `next_base`. A file still
+    /// `capacity` long was never trimmed, so it was not fully synced before a crash.
+    Sealed { next_base: Offset, capacity: u64 },
     /// The last segment, which takes appends; preallocate it to `capacity`.
     Active { capacity: u64 },
 }
@@ -359,7 +360,11 @@ impl<B: LogIo> Segment<B> {
             .create_new(true)
             .open(&path)
             .map_err(|e| StorageError::io("create", &path, e))?;
-        sio::preallocate(&file, capacity).map_err(|e| StorageError::io("fallocate", &path, e))?;
+        if let Err(e) = sio::preallocate(&file, capacity) {
+            // Leave nothing behind, or every later roll would fail on the name.
+            let _ = std::fs::remove_file(&path);
+            return Err(StorageError::io("fallocate", &path, e));
+        }
         let index_file = open_rw(&index_path(dir, base), true)?;
         let time_file = open_rw(&time_index_path(dir, base), true)?;
         index_file
@@ -476,9 +481,13 @@ impl<B: LogIo> Segment<B> {
             (Some(ix), Some(tx)) if !full && !ix.is_empty() => {
                 let last = *ix.last().expect("non-empty");
                 let at = &scan_map[last.position as usize..];
-                let expect = base.plus(u64::from(last.relative_offset));
+                let expect = base
+                    .0
+                    .checked_add(u64::from(last.relative_offset))
+                    .map(Offset);
                 match BatchRef::parse(at) {
-                    Ok(b) if b.base_offset() == expect => {
+                    Ok(b) if Some(b.base_offset()) == expect => {
+                        let expect = b.base_offset();
                         start = (u64::from(last.position), expect);
                         seg.index = ix.clone();
                         seg.time_index = tx
@@ -501,11 +510,27 @@ impl<B: LogIo> Segment<B> {
 
         // Scan; `note_batch` rebuilds index entries past the trusted point.
         let mut infos = Vec::new();
-        let scanned = scan(&scan_map, start.0, Some(start.1), |b| infos.push(*b));
+        let mut scanned = scan(&scan_map, start.0, Some(start.1), |b| infos.push(*b));
+        // Offsets relative to the base and positions must fit the u32 index
+        // fields; appends roll long before, so only a crafted file gets here.
+        let fits = |b: &BatchInfo| {
+            b.last_offset.0 - base.0 <= u64::from(u32::MAX) && b.position <= u64::from(u32::MAX)
+        };
+        if let Some(bad) = infos.iter().position(|b| !fits(b)) {
+            let b = infos[bad];
+            scanned.end = b.position;
+            scanned.next_offset = Some(b.base_offset);
+            scanned.stop = ScanStop::Invalid(batch::BatchError::BadLength {
+                len: b.position,
+                min: 0,
+                max: u32::MAX as usize,
+            });
+            infos.truncate(bad);
+        }
         for b in &infos {
             seg.note_batch(b.position, b.base_offset, b.last_offset, b.max_timestamp);
         }
-        rec.batches_scanned = scanned.batches;
+        rec.batches_scanned = infos.len() as u64;
         let end = scanned.end;
         let next = scanned.next_offset.unwrap_or(start.1);
         let garbage_end = end as usize + nonzero_end(&scan_map[end as usize..]);
@@ -536,8 +561,17 @@ impl<B: LogIo> Segment<B> {
                 }
                 (end, next, capacity)
             }
-            Role::Sealed { next_base } => {
-                if garbage_end as u64 > end {
+            Role::Sealed {
+                next_base,
+                capacity,
+            } => {
+                if garbage_end as u64 > end && file_len == capacity {
+                    // Untrimmed: the flush that filled this segment never finished
+                    // (writes land out of order, so bytes may follow the hole).
+                    // Nothing from the hole on was acknowledged.
+                    rec.incomplete = true;
+                    return Ok((seg, rec));
+                } else if garbage_end as u64 > end {
                     let err = match scanned.stop.clone() {
                         ScanStop::Invalid(e) => StorageError::at(&path, end, e),
                         ScanStop::OffsetGap { expected, found } => StorageError::OffsetGap {
@@ -846,10 +880,10 @@ impl<B: LogIo> Segment<B> {
         );
         self.written_len = len;
         self.written_next = next;
-        self.persist_index(len, next)
+        Ok(())
     }
 
-    fn persist_index(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
+    pub(crate) fn persist_index(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
         let n = self.index.partition_point(|e| u64::from(e.position) < len);
         if n > self.index_persisted {
             let mut buf = Vec::with_capacity((n - self.index_persisted) * index::INDEX_ENTRY_LEN);
@@ -923,8 +957,31 @@ impl<B: LogIo> Segment<B> {
         }
         let limit = self.written_len;
         let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
-        let mut pos = index::lookup(&self.index, rel, limit).map_or(0, |e| u64::from(e.position));
+        let entry = index::lookup(&self.index, rel, limit);
+        let mut pos = entry.map_or(0, |e| u64::from(e.position));
+        // The offset the batch at `pos` must start with: base offsets are not
+        // covered by the CRC, so every header is checked against it.
+        let mut expect = Offset(self.base.0 + u64::from(entry.map_or(0, |e| e.relative_offset)));
         let map = &self.map[..limit as usize];
+        let gap = |pos: u64, expected: Offset, found: u64| StorageError::OffsetGap {
+            segment: self.path.clone(),
+            position: pos,
+            expected,
+            found: Offset(found),
+        };
+        // The offset after the batch at `at`, checked against `expect`.
+        let after = |at: &[u8], pos: u64, expect: Offset| -> Result<Offset, StorageError> {
+            let h = batch::header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
+            let found = h.base_offset.get();
+            if found != expect.0 {
+                return Err(gap(pos, expect, found));
+            }
+            expect
+                .0
+                .checked_add(u64::from(h.last_offset_delta.get()) + 1)
+                .map(Offset)
+                .ok_or_else(|| gap(pos, expect, found))
+        };
         // Skip to the batch that holds `offset` (headers only).
         loop {
             if pos >= limit {
@@ -932,14 +989,11 @@ impl<B: LogIo> Segment<B> {
             }
             let at = &map[pos as usize..];
             let len = batch::check_header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
-            let h = batch::header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
-            let last = h
-                .base_offset
-                .get()
-                .saturating_add(u64::from(h.last_offset_delta.get()));
-            if last >= offset.0 {
+            let next = after(at, pos, expect)?;
+            if next > offset {
                 break;
             }
+            expect = next;
             pos += len as u64;
         }
         let start = pos;
@@ -951,18 +1005,8 @@ impl<B: LogIo> Segment<B> {
             if (pos > start || !at_least_one) && (pos - start) + len as u64 > max_bytes as u64 {
                 break;
             }
-            let b = BatchRef::parse(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
-            if let Some(n) = next {
-                if b.base_offset() != n {
-                    return Err(StorageError::OffsetGap {
-                        segment: self.path.clone(),
-                        position: pos,
-                        expected: n,
-                        found: b.base_offset(),
-                    });
-                }
-            }
-            next = Some(b.last_offset().plus(1));
+            expect = after(at, pos, expect)?;
+            next = Some(expect);
             pos += len as u64;
         }
         let next = next.unwrap_or(offset);

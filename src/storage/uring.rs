@@ -4,6 +4,7 @@
 //! This module is one of the three places that import glommio (with the runtime
 //! bootstrap and the network layer), so swapping the runtime touches only them.
 
+use crate::limits;
 use crate::storage::io::{LogIo, WriteBuf};
 use crate::storage::partition::{run_write_shared, sync_shared, FlushDue, FlushScope, Partition};
 use crate::storage::watermark::Watermark;
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 impl WriteBuf for DmaBuffer {
     fn as_slice(&self) -> &[u8] {
@@ -138,28 +139,26 @@ async fn write_loop<B: LogIo>(
     loop {
         let stopping = stop.get() >= 1;
         // Start every write job that is due (several stream at once under load).
-        loop {
+        let due = loop {
             let due = part.borrow().flush_due(Instant::now());
-            let scope = if stopping {
-                FlushScope::All
-            } else if due == FlushDue::Now {
-                FlushScope::Due
-            } else {
-                break;
+            let scope = match (stopping, due) {
+                (true, _) => FlushScope::All,
+                (false, FlushDue::Now) => FlushScope::Due,
+                _ => break due,
             };
             let job = part.borrow_mut().begin_flush(scope);
             match job {
                 Some(job) => running.push(run_write_shared(part, job)),
-                None => break,
+                None => break due,
             }
-        }
+        };
         part.borrow().check_fenced()?;
         if stopping && running.is_empty() && part.borrow().pending_bytes() == 0 {
             return Ok(());
         }
-        let due = part.borrow().flush_due(Instant::now());
         let next = appended.get() + 1;
         let kick = kicks.get() + 1;
+        let idle = running.is_empty();
         let wake = async {
             match due {
                 FlushDue::Idle => {
@@ -172,17 +171,18 @@ async fn write_loop<B: LogIo>(
                     let wait = at.saturating_duration_since(Instant::now());
                     futures_lite::future::or(glommio::timer::sleep(wait), kicked).await;
                 }
-                // Due, but no job could start: wait for a running one to finish.
+                // Due, but no job could start: a running one must finish first. With
+                // none running (not expected), look again shortly instead of hanging.
+                FlushDue::Now if idle => glommio::timer::sleep(Duration::from_micros(50)).await,
                 FlushDue::Now => std::future::pending::<()>().await,
             }
             Event::Wake
         };
         let stopped = async {
-            if !stopping {
-                stop.wait_for(1).await.ok();
-            } else {
+            if stopping {
                 std::future::pending::<()>().await;
             }
+            stop.wait_for(1).await.ok();
             Event::Wake
         };
         let done = async {
@@ -200,28 +200,42 @@ async fn write_loop<B: LogIo>(
     }
 }
 
+/// Syncs when a producer waits for durability (at once: group commit), and
+/// otherwise at most `SYNC_BACKGROUND_DELAY_US_MAX` after bytes were written, so
+/// `Memory` traffic does not pay for journal commits it never waits on.
 async fn sync_loop<B: LogIo>(
     part: &RefCell<Partition<B>>,
     writer_done: &Watermark,
 ) -> Result<(), StorageError> {
-    let written = part.borrow().written_watch();
+    let (written, durable) = {
+        let p = part.borrow();
+        (p.written_watch(), p.durable_watch())
+    };
+    let done = || async {
+        writer_done.wait_for(1).await.ok();
+    };
     loop {
-        if sync_shared(part).await? {
+        let unsynced = durable.get() < written.get();
+        let demand = durable.waiter_count() > 0 || writer_done.get() >= 1;
+        if unsynced && demand {
+            sync_shared(part).await?;
             continue;
         }
         part.borrow().check_fenced()?;
         if writer_done.get() >= 1 {
-            // The writer wrote its last bytes before finishing; one more pass
-            // above found nothing unsynced.
             return Ok(());
         }
-        let durable = part.borrow().durable_offset().0;
-        let more = async {
-            written.wait_for(durable + 1).await.ok();
-        };
-        let done = async {
-            writer_done.wait_for(1).await.ok();
-        };
-        futures_lite::future::or(more, done).await;
+        if unsynced {
+            let background =
+                glommio::timer::sleep(Duration::from_micros(limits::SYNC_BACKGROUND_DELAY_US_MAX));
+            let waited = futures_lite::future::or(durable.wait_for_waiters(), done());
+            futures_lite::future::or(waited, background).await;
+            sync_shared(part).await?;
+        } else {
+            let more = async {
+                written.wait_for(durable.get() + 1).await.ok();
+            };
+            futures_lite::future::or(more, done()).await;
+        }
     }
 }

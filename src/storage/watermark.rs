@@ -22,6 +22,8 @@ struct Inner {
     value: Cell<u64>,
     failed: RefCell<Option<WaitFailed>>,
     waiters: RefCell<Vec<(u64, Waker)>>,
+    /// Woken when a waiter registers (see [`Watermark::wait_for_waiters`]).
+    demand: RefCell<Option<Waker>>,
 }
 
 /// Cloning shares the same watermark.
@@ -85,6 +87,31 @@ impl Watermark {
     pub fn waiter_count(&self) -> usize {
         self.inner.waiters.borrow().len()
     }
+
+    /// Resolves once somebody waits on this mark: lets a driver do work (an
+    /// fdatasync) only when a waiter needs it. One driver at a time.
+    pub fn wait_for_waiters(&self) -> WaitForWaiters {
+        WaitForWaiters { mark: self.clone() }
+    }
+}
+
+/// The future returned by [`Watermark::wait_for_waiters`].
+#[derive(Debug)]
+pub struct WaitForWaiters {
+    mark: Watermark,
+}
+
+impl Future for WaitForWaiters {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let inner = &self.mark.inner;
+        if !inner.waiters.borrow().is_empty() {
+            return Poll::Ready(());
+        }
+        *inner.demand.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
 }
 
 /// The future returned by [`Watermark::wait_for`].
@@ -116,6 +143,10 @@ impl Future for WaitFor {
             slot.1 = cx.waker().clone();
         } else {
             waiters.push((me, cx.waker().clone()));
+            drop(waiters);
+            if let Some(d) = inner.demand.borrow_mut().take() {
+                d.wake();
+            }
         }
         Poll::Pending
     }
