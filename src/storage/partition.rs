@@ -640,6 +640,7 @@ impl<B: LogIo> Partition<B> {
         job: &FlushJob<B>,
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
+        self.check_fenced()?;
         let entry = self
             .jobs
             .iter_mut()
@@ -711,6 +712,7 @@ impl<B: LogIo> Partition<B> {
         job: &SyncJob<B>,
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
+        self.check_fenced()?;
         assert!(self.sync_in_flight, "complete_sync without a sync job");
         self.sync_in_flight = false;
         if let Err(e) = result {
