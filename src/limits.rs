@@ -39,6 +39,11 @@ pub const INDEX_INTERVAL_BYTES: u64 = 4096;
 /// measured O_DIRECT throughput saturates (docs/ARCHITECTURE.md).
 pub const STAGING_CHUNK_BYTES: usize = 1024 * 1024;
 
+/// Recycled staging buffers kept per partition (1 MiB each, only as many as were
+/// in use at the peak). A fresh heap DMA buffer costs a page fault per 4 KiB on
+/// first touch; 32 covers a producer with 32 MiB in flight.
+pub const STAGING_BUFFERS_FREE_MAX: usize = 32;
+
 /// Group commit: flush once this many bytes are pending ...
 pub const FLUSH_BYTES_DEFAULT: u64 = 1024 * 1024;
 

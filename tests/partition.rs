@@ -315,7 +315,7 @@ impl LogIo for FaultyIo {
         buf: AlignedBuf,
         len: usize,
         pos: u64,
-    ) -> impl std::future::Future<Output = std::io::Result<()>> {
+    ) -> impl std::future::Future<Output = std::io::Result<Option<AlignedBuf>>> {
         let r = Self::tick(&self.writes_left);
         let inner = self.inner.write_at(f, buf, len, pos);
         async move {

@@ -45,14 +45,14 @@ pub trait LogIo: Clone + 'static {
     fn open(&self, path: &Path) -> impl Future<Output = io::Result<Self::File>>;
 
     /// Writes `buf[..len]` at file position `pos`, both aligned to [`IO_ALIGN_BYTES`].
-    /// A short write is an error.
+    /// A short write is an error. Hands the buffer back for reuse when it can.
     fn write_at(
         &self,
         file: &Self::File,
         buf: Self::Buf,
         len: usize,
         pos: u64,
-    ) -> impl Future<Output = io::Result<()>>;
+    ) -> impl Future<Output = io::Result<Option<Self::Buf>>>;
 
     /// Makes every completed write to `file` durable (fdatasync).
     fn sync_data(&self, file: &Self::File) -> impl Future<Output = io::Result<()>>;
@@ -172,8 +172,11 @@ impl LogIo for StdIo {
         buf: AlignedBuf,
         len: usize,
         pos: u64,
-    ) -> impl Future<Output = io::Result<()>> {
-        std::future::ready(file.write_all_at(&buf.as_slice()[..len], pos))
+    ) -> impl Future<Output = io::Result<Option<AlignedBuf>>> {
+        std::future::ready(
+            file.write_all_at(&buf.as_slice()[..len], pos)
+                .map(|()| Some(buf)),
+        )
     }
 
     fn sync_data(&self, file: &File) -> impl Future<Output = io::Result<()>> {

@@ -19,7 +19,7 @@
 use crate::batch::{BatchError, BatchRef};
 use crate::limits;
 use crate::storage::io::LogIo;
-use crate::storage::segment::{self, Role, Segment, SegmentFlush, SegmentWriter};
+use crate::storage::segment::{self, BufPool, Role, Segment, SegmentFlush, SegmentWriter};
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
@@ -182,6 +182,8 @@ pub struct FlushJob<B: LogIo> {
     id: u64,
     segments: Vec<SegmentFlush<B>>,
     bytes: u64,
+    /// Buffers the backend handed back, for the partition's pool.
+    returned: RefCell<Vec<B::Buf>>,
 }
 
 impl<B: LogIo> std::fmt::Debug for FlushJob<B> {
@@ -213,7 +215,10 @@ impl<B: LogIo> FlushJob<B> {
                 io.write_at(file, c.buf, len, c.pos)
             }))
             .buffer_unordered(limits::FLUSH_WRITES_IN_FLIGHT_MAX)
-            .try_collect::<Vec<()>>()
+            .try_for_each(|buf| {
+                self.returned.borrow_mut().extend(buf);
+                std::future::ready(Ok(()))
+            })
             .await?;
         }
         Ok(())
@@ -281,6 +286,7 @@ pub struct Partition<B: LogIo> {
     config: PartitionConfig,
     capacity: u64,
     io: B,
+    pool: BufPool<B>,
     segments: VecDeque<Segment<B>>,
     next_offset: Offset,
     pending_since: Option<Instant>,
@@ -350,9 +356,16 @@ impl<B: LogIo> Partition<B> {
             }
         }
         let full = config.recovery == RecoveryPolicy::Full;
+        let pool = BufPool::new();
         let mut segments = VecDeque::new();
         if bases.is_empty() {
-            segments.push_back(Segment::create(&dir, Offset(0), capacity, now)?);
+            segments.push_back(Segment::create(
+                &dir,
+                Offset(0),
+                capacity,
+                pool.clone(),
+                now,
+            )?);
         }
         for (i, &base) in bases.iter().enumerate() {
             let role = match bases.get(i + 1) {
@@ -362,7 +375,7 @@ impl<B: LogIo> Partition<B> {
                 },
                 None => Role::Active { capacity },
             };
-            let (mut seg, mut rec) = Segment::open(&dir, base, role, full, &io, now)?;
+            let (mut seg, mut rec) = Segment::open(&dir, base, role, full, &io, pool.clone(), now)?;
             let incomplete = rec.incomplete;
             if incomplete {
                 // Everything after this segment's last written batch was never
@@ -377,7 +390,15 @@ impl<B: LogIo> Partition<B> {
                     segment = %segment::log_path(&dir, base).display(), dropped_segments = bases.len() - i - 1,
                     "segment was not fully written before a crash; later segments held only unacknowledged data"
                 );
-                (seg, rec) = Segment::open(&dir, base, Role::Active { capacity }, full, &io, now)?;
+                (seg, rec) = Segment::open(
+                    &dir,
+                    base,
+                    Role::Active { capacity },
+                    full,
+                    &io,
+                    pool.clone(),
+                    now,
+                )?;
             }
             let last = incomplete || role_is_active(role);
             report.batches_scanned += rec.batches_scanned;
@@ -408,6 +429,7 @@ impl<B: LogIo> Partition<B> {
             config,
             capacity,
             io,
+            pool,
             segments,
             next_offset,
             pending_since: None,
@@ -542,7 +564,13 @@ impl<B: LogIo> Partition<B> {
         if self.segments.back().is_some_and(Segment::is_empty) {
             return Ok(());
         }
-        let seg = Segment::create(&self.dir, self.next_offset, self.capacity, wall)?;
+        let seg = Segment::create(
+            &self.dir,
+            self.next_offset,
+            self.capacity,
+            self.pool.clone(),
+            wall,
+        )?;
         self.segments
             .back_mut()
             .expect("at least one segment")
@@ -628,6 +656,7 @@ impl<B: LogIo> Partition<B> {
             id,
             segments,
             bytes,
+            returned: RefCell::new(Vec::new()),
         })
     }
 
@@ -641,6 +670,9 @@ impl<B: LogIo> Partition<B> {
         result: std::io::Result<()>,
     ) -> Result<(), StorageError> {
         self.check_fenced()?;
+        for buf in job.returned.borrow_mut().drain(..) {
+            self.pool.put(buf);
+        }
         let entry = self
             .jobs
             .iter_mut()

@@ -12,7 +12,9 @@
 //! limited to the bytes whose write has completed.
 
 use crate::batch::{self, BatchRef, HEADER_LEN};
-use crate::limits::{INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_CHUNK_BYTES};
+use crate::limits::{
+    INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_BUFFERS_FREE_MAX, STAGING_CHUNK_BYTES,
+};
 use crate::storage::index::{self, IndexEntry, TimeEntry};
 use crate::storage::io::{self as sio, LogIo, WriteBuf};
 use crate::storage::mmap::map_readonly;
@@ -225,6 +227,38 @@ impl<B: LogIo> SegmentWriter<B> {
     }
 }
 
+/// Staging buffers of exactly `STAGING_CHUNK_BYTES`, recycled after their write
+/// and shared by a partition's segments.
+pub(crate) struct BufPool<B: LogIo>(Rc<RefCell<Vec<B::Buf>>>);
+
+impl<B: LogIo> Clone for BufPool<B> {
+    fn clone(&self) -> Self {
+        BufPool(self.0.clone())
+    }
+}
+
+impl<B: LogIo> BufPool<B> {
+    pub(crate) fn new() -> Self {
+        BufPool(Rc::new(RefCell::new(Vec::new())))
+    }
+
+    fn take(&self, io: &B, len: usize) -> B::Buf {
+        if len == STAGING_CHUNK_BYTES {
+            if let Some(b) = self.0.borrow_mut().pop() {
+                return b;
+            }
+        }
+        io.alloc(len)
+    }
+
+    pub(crate) fn put(&self, buf: B::Buf) {
+        let mut free = self.0.borrow_mut();
+        if buf.as_slice().len() == STAGING_CHUNK_BYTES && free.len() < STAGING_BUFFERS_FREE_MAX {
+            free.push(buf);
+        }
+    }
+}
+
 /// A page-aligned staging buffer covering file bytes `[pos, pos + filled)`.
 pub(crate) struct Chunk<Buf> {
     pub(crate) buf: Buf,
@@ -295,6 +329,7 @@ pub(crate) struct Segment<B: LogIo> {
     pub(crate) created: TimestampMs,
     last_batch_rel: Option<u32>,
     writer: Rc<SegmentWriter<B>>,
+    pool: BufPool<B>,
     staging: Option<Chunk<B::Buf>>,
     ready: Vec<Chunk<B::Buf>>,
 }
@@ -351,6 +386,7 @@ impl<B: LogIo> Segment<B> {
         dir: &Path,
         base: Offset,
         capacity: u64,
+        pool: BufPool<B>,
         now: TimestampMs,
     ) -> Result<Self, StorageError> {
         let path = log_path(dir, base);
@@ -376,7 +412,7 @@ impl<B: LogIo> Segment<B> {
         sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
         let map = map_readonly(&file, capacity).map_err(|e| StorageError::io("mmap", &path, e))?;
         Ok(Self::assemble(
-            dir, base, path, file, index_file, time_file, map, capacity, now,
+            dir, base, path, file, index_file, time_file, map, capacity, pool, now,
         ))
     }
 
@@ -390,6 +426,7 @@ impl<B: LogIo> Segment<B> {
         time_file: File,
         map: Bytes,
         capacity: u64,
+        pool: BufPool<B>,
         now: TimestampMs,
     ) -> Self {
         Segment {
@@ -420,6 +457,7 @@ impl<B: LogIo> Segment<B> {
             max_timestamp: None,
             created: now,
             last_batch_rel: None,
+            pool,
             staging: None,
             ready: Vec::new(),
         }
@@ -435,6 +473,7 @@ impl<B: LogIo> Segment<B> {
         role: Role,
         full: bool,
         io: &B,
+        pool: BufPool<B>,
         now: TimestampMs,
     ) -> Result<(Self, SegmentRecovery), StorageError> {
         let path = log_path(dir, base);
@@ -472,6 +511,7 @@ impl<B: LogIo> Segment<B> {
             time_file,
             Bytes::new(),
             file_len,
+            pool,
             now,
         );
 
@@ -735,7 +775,7 @@ impl<B: LogIo> Segment<B> {
         assert!(pos < self.capacity, "chunk past segment capacity");
         let size = (STAGING_CHUNK_BYTES as u64).min(self.capacity - pos) as usize;
         Chunk {
-            buf: io.alloc(size),
+            buf: self.pool.take(io, size),
             pos,
             filled: 0,
         }

@@ -79,17 +79,24 @@ impl LogIo for UringIo {
         mut buf: DmaBuffer,
         len: usize,
         pos: u64,
-    ) -> impl Future<Output = io::Result<()>> {
-        buf.trim_to_size(len);
+    ) -> impl Future<Output = io::Result<Option<DmaBuffer>>> {
+        if len < buf.len() {
+            // Trimming is permanent, so a partial chunk's buffer is not reused.
+            buf.trim_to_size(len);
+        }
         async move {
-            let n = file.write_at(buf, pos).await?;
+            // Shared form so the buffer comes back after the write for reuse: fresh
+            // heap DMA buffers cost a page fault per 4 KiB (measured: 120x the minor
+            // faults and half the throughput with 32 MiB in flight).
+            let buf = Rc::new(buf);
+            let n = file.write_rc_at(buf.clone(), pos).await?;
             if n != len {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
                     format!("short write: {n} of {len} bytes at {pos}"),
                 ));
             }
-            Ok(())
+            Ok(Rc::try_unwrap(buf).ok())
         }
     }
 
