@@ -625,8 +625,16 @@ impl<B: LogIo> Partition<B> {
         let io = &self.io;
         let mut carries = false;
         let mut segments = Vec::new();
+        // Small jobs (a few chunks) complete, and acknowledge, one after another
+        // while the next ones stream: one big job would hold every ack until its
+        // slowest write finished and leave the disk idle while producers refill.
+        let mut budget = limits::FLUSH_JOB_CHUNKS_MAX;
         for seg in self.segments.iter_mut() {
-            if let Some((sf, c)) = seg.take_unflushed(io, include_partial) {
+            if budget == 0 {
+                break;
+            }
+            if let Some((sf, c)) = seg.take_unflushed(io, include_partial, budget) {
+                budget = budget.saturating_sub(sf.chunks.len());
                 carries |= c;
                 segments.push(sf);
             }

@@ -843,21 +843,28 @@ impl<B: LogIo> Segment<B> {
         self.push_final_time_entry();
     }
 
-    /// Hands bytes not yet given to a flush to the caller, in file order: the full
-    /// chunks, plus the partial staging chunk when `include_partial` (or when there
-    /// is no full chunk). Returns the flush and whether it writes a partial last
+    /// Hands bytes not yet given to a flush to the caller, in file order: up to
+    /// `max_chunks` full chunks, plus the partial staging chunk when
+    /// `include_partial` (or when there is no full chunk) and there is room. Returns the flush and whether it writes a partial last
     /// block that the next write of this segment will rewrite (a "carry").
     pub(crate) fn take_unflushed(
         &mut self,
         io: &B,
         include_partial: bool,
+        max_chunks: usize,
     ) -> Option<(SegmentFlush<B>, bool)> {
         if self.len == self.flush_issued_len {
             return None;
         }
-        let mut chunks = std::mem::take(&mut self.ready);
+        assert!(max_chunks > 0);
+        let n = self.ready.len().min(max_chunks);
+        let mut chunks: Vec<_> = self.ready.drain(..n).collect();
         let mut carries = false;
-        if include_partial || chunks.is_empty() {
+        // The staging chunk follows every ready one, so it goes only after them.
+        if self.ready.is_empty()
+            && chunks.len() < max_chunks
+            && (include_partial || chunks.is_empty())
+        {
             if let Some(st) = self.staging.take() {
                 if st.pos + st.filled as u64 > self.flush_issued_len {
                     if st.filled % IO_ALIGN_BYTES != 0 {
