@@ -68,3 +68,28 @@ pub const FLUSH_JOBS_IN_FLIGHT_MAX: usize = 4;
 /// concurrent O_DIRECT completions; `Memory` producers do not wait for them, and
 /// 10 ms bounds what a machine crash can take from them.
 pub const SYNC_BACKGROUND_DELAY_US_MAX: u64 = 10_000;
+
+/// The broker's default TCP port.
+pub const DEFAULT_PORT: u16 = 9470;
+
+/// Connections the broker accepts at once (all shards together).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
+
+/// Largest request frame. 64 MiB holds a produce of several maximum-size batches;
+/// anything larger is refused before a byte of its body is buffered.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
+
+/// Requests one connection may have in flight; the reader stops reading past it.
+pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;
+
+/// Capacity of each bounded channel between two shards.
+pub const SHARD_CHANNEL_CAPACITY: usize = 1024;
+
+/// Partitions one topic may have.
+pub const TOPIC_PARTITIONS_MAX: u32 = 10_000;
+
+/// Longest a fetch may wait for data at the tail.
+pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+
+/// How often each shard applies retention to its partitions.
+pub const RETENTION_CHECK_MS: u64 = 10_000;

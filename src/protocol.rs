@@ -179,8 +179,13 @@ pub enum OffsetSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     ApiVersions,
-    CreateTopic { name: String, config: TopicConfig },
-    DeleteTopic { name: String },
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
     ListTopics,
     Produce {
         topic: String,
@@ -196,7 +201,11 @@ pub enum Request {
         max_bytes: u32,
         max_wait_ms: u32,
     },
-    ListOffsets { topic: String, partition: u32, spec: OffsetSpec },
+    ListOffsets {
+        topic: String,
+        partition: u32,
+        spec: OffsetSpec,
+    },
 }
 
 impl Request {
@@ -234,7 +243,10 @@ pub enum Response {
     DeleteTopic,
     ListTopics(Vec<TopicInfo>),
     /// The partition written and the base offset of each batch, in order.
-    Produce { partition: u32, base_offsets: Vec<Offset> },
+    Produce {
+        partition: u32,
+        base_offsets: Vec<Offset>,
+    },
     Fetch {
         high_watermark: Offset,
         log_start: Offset,
@@ -242,7 +254,9 @@ pub enum Response {
         /// Whole batches, in order (several slices when the fetch crossed segments).
         records: Vec<Bytes>,
     },
-    ListOffsets { offset: Offset },
+    ListOffsets {
+        offset: Offset,
+    },
 }
 
 /// A request that could not be decoded. `header` is set when the header was
@@ -278,13 +292,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> FieldResult<u16> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
     }
     fn u32(&mut self, what: &str) -> FieldResult<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
     }
     fn u64(&mut self, what: &str) -> FieldResult<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
     }
     fn i32(&mut self, what: &str) -> FieldResult<i32> {
         Ok(self.u32(what)? as i32)
@@ -326,7 +346,9 @@ fn topic_name(name: &str) -> FieldResult<String> {
     if ok {
         Ok(name.to_owned())
     } else {
-        Err(format!("invalid topic name {name:?}: 1-{TOPIC_NAME_BYTES_MAX} of [A-Za-z0-9._-]"))
+        Err(format!(
+            "invalid topic name {name:?}: 1-{TOPIC_NAME_BYTES_MAX} of [A-Za-z0-9._-]"
+        ))
     }
 }
 
@@ -357,13 +379,19 @@ pub fn decode_request(frame: &Bytes) -> Result<(RequestHeader, Request), DecodeE
         message,
     };
     let Some(key) = ApiKey::from_u16(header.api_key) else {
-        return Err(fail(ErrorCode::UnknownApi, format!("unknown API key {}", header.api_key)));
+        return Err(fail(
+            ErrorCode::UnknownApi,
+            format!("unknown API key {}", header.api_key),
+        ));
     };
     let (_, min, max) = API_VERSIONS.iter().find(|a| a.0 == key).expect("listed");
     if !(*min..=*max).contains(&header.api_version) {
         return Err(fail(
             ErrorCode::UnsupportedVersion,
-            format!("{key:?} version {} not in [{min}, {max}]", header.api_version),
+            format!(
+                "{key:?} version {} not in [{min}, {max}]",
+                header.api_version
+            ),
         ));
     }
     let body = (|| -> FieldResult<Request> {
@@ -425,7 +453,11 @@ pub fn decode_request(frame: &Bytes) -> Result<(RequestHeader, Request), DecodeE
                     t if t >= 0 => OffsetSpec::Timestamp(t),
                     t => return Err(format!("timestamp {t} is neither >= 0, -1 nor -2")),
                 };
-                Request::ListOffsets { topic, partition, spec }
+                Request::ListOffsets {
+                    topic,
+                    partition,
+                    spec,
+                }
             }
         };
         r.end()?;
@@ -521,7 +553,11 @@ pub fn encode_request(correlation_id: u32, req: &Request, out: &mut Vec<u8>) {
             put_u32(out, *max_bytes);
             put_u32(out, *max_wait_ms);
         }
-        Request::ListOffsets { topic, partition, spec } => {
+        Request::ListOffsets {
+            topic,
+            partition,
+            spec,
+        } => {
             put_str16(out, topic);
             put_u32(out, *partition);
             let t = match spec {
@@ -586,7 +622,10 @@ pub fn encode_response(correlation_id: u32, resp: &Response, out: &mut Vec<u8>) 
                 }
             }
         }
-        Response::Produce { partition, base_offsets } => {
+        Response::Produce {
+            partition,
+            base_offsets,
+        } => {
             put_u32(out, *partition);
             put_u32(out, base_offsets.len() as u32);
             for o in base_offsets {
@@ -606,7 +645,8 @@ pub fn encode_response(correlation_id: u32, resp: &Response, out: &mut Vec<u8>) 
             put_u32(out, u32::try_from(total).expect("fetch over 4 GiB"));
             tail = records.clone();
             // The prefix counts the record bytes that follow outside `out`.
-            let len = u32::try_from(out.len() - at - LENGTH_PREFIX_LEN + total).expect("frame over 4 GiB");
+            let len = u32::try_from(out.len() - at - LENGTH_PREFIX_LEN + total)
+                .expect("frame over 4 GiB");
             out[at..at + 4].copy_from_slice(&len.to_le_bytes());
             return tail;
         }
@@ -616,9 +656,12 @@ pub fn encode_response(correlation_id: u32, resp: &Response, out: &mut Vec<u8>) 
     tail
 }
 
+/// A decoded response: the response, or the broker's error code and message.
+pub type BrokerReply = Result<Response, (ErrorCode, String)>;
+
 /// Decodes a response frame body for a request of `key`.
 /// `Err((code, message))` when the broker answered with an error.
-pub fn decode_response(key: ApiKey, frame: &Bytes) -> Result<(u32, Result<Response, (ErrorCode, String)>), String> {
+pub fn decode_response(key: ApiKey, frame: &Bytes) -> Result<(u32, BrokerReply), String> {
     let mut r = Reader { buf: frame, pos: 0 };
     let correlation_id = r.u32("correlation_id")?;
     let code = r.u16("error_code")?;
@@ -658,7 +701,11 @@ pub fn decode_response(key: ApiKey, frame: &Bytes) -> Result<(u32, Result<Respon
                         high_watermark: Offset(r.u64("high_watermark")?),
                     });
                 }
-                topics.push(TopicInfo { name, config, partitions });
+                topics.push(TopicInfo {
+                    name,
+                    config,
+                    partitions,
+                });
             }
             Response::ListTopics(topics)
         }
@@ -669,7 +716,10 @@ pub fn decode_response(key: ApiKey, frame: &Bytes) -> Result<(u32, Result<Respon
             for _ in 0..n {
                 base_offsets.push(Offset(r.u64("base_offset")?));
             }
-            Response::Produce { partition, base_offsets }
+            Response::Produce {
+                partition,
+                base_offsets,
+            }
         }
         ApiKey::Fetch => {
             let high_watermark = Offset(r.u64("high_watermark")?);
@@ -680,7 +730,11 @@ pub fn decode_response(key: ApiKey, frame: &Bytes) -> Result<(u32, Result<Respon
                 high_watermark,
                 log_start,
                 next_offset,
-                records: if recs.is_empty() { vec![] } else { vec![frame.slice_ref(recs)] },
+                records: if recs.is_empty() {
+                    vec![]
+                } else {
+                    vec![frame.slice_ref(recs)]
+                },
             }
         }
         ApiKey::ListOffsets => Response::ListOffsets {

@@ -207,3 +207,19 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+/// Takes an exclusive `flock` on `dir/.lock`, so two brokers never share a data
+/// directory. The lock lives as long as the returned file.
+pub fn lock_dir(dir: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))?;
+    // SAFETY: flock takes a valid fd (borrowed from `f`) and no memory of ours.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}

@@ -1,0 +1,810 @@
+//! The Rust client: a pipelined connection, an admin API, a batching `Producer` and a
+//! long-polling `Consumer`. Plain threads and blocking sockets, so it works from any
+//! program, async runtime or not; it never touches glommio.
+//!
+//! One [`Connection`] carries many requests at once: a writer sends frames as they
+//! come and a reader thread matches responses to requests by correlation id.
+
+use crate::batch::{BatchBuilder, BatchRef, RecordInput};
+use crate::protocol::{
+    self, ApiKey, ErrorCode, OffsetSpec, PartitionSelector, Request, Response, TopicConfig,
+    TopicInfo,
+};
+use crate::storage::Durability;
+use crate::types::{Offset, TimestampMs};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Largest response frame the client accepts.
+pub const RESPONSE_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    #[error("broker error {code:?}: {message}")]
+    Broker { code: ErrorCode, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// Whether retrying on a new connection can help.
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Disconnected(_) | ClientError::Timeout(_)
+        )
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+type Reply = Result<Response, ClientError>;
+
+struct Shared {
+    pending: Mutex<HashMap<u32, (ApiKey, mpsc::SyncSender<Reply>)>>,
+    closed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail_all(&self, why: &str) {
+        *self.closed.lock().expect("lock") = Some(why.to_owned());
+        for (_, (_, tx)) in self.pending.lock().expect("lock").drain() {
+            let _ = tx.send(Err(ClientError::Disconnected(why.to_owned())));
+        }
+    }
+}
+
+/// A response not yet received.
+#[derive(Debug)]
+pub struct PendingReply {
+    rx: mpsc::Receiver<Reply>,
+}
+
+impl PendingReply {
+    pub fn wait(self) -> Reply {
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(ClientError::Disconnected("connection closed".into())))
+    }
+
+    pub fn wait_timeout(self, t: Duration) -> Reply {
+        match self.rx.recv_timeout(t) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ClientError::Timeout(t)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(ClientError::Disconnected("connection closed".into()))
+            }
+        }
+    }
+}
+
+/// One TCP connection with many requests in flight.
+pub struct Connection {
+    addr: SocketAddr,
+    writer: Mutex<TcpStream>,
+    shared: Arc<Shared>,
+    next_id: AtomicU32,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Connection({})", self.addr)
+    }
+}
+
+impl Connection {
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Display,
+    ) -> Result<Connection, ClientError> {
+        let err = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let addrs: Vec<_> = addr
+            .to_socket_addrs()
+            .map_err(|e| err(e.to_string()))?
+            .collect();
+        let mut last = String::from("no address");
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => return Self::from_stream(a, s).map_err(|e| err(e.to_string())),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(err(last))
+    }
+
+    fn from_stream(addr: SocketAddr, stream: TcpStream) -> std::io::Result<Connection> {
+        stream.set_nodelay(true)?;
+        let read = stream.try_clone()?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+        });
+        let sh = shared.clone();
+        let reader = thread::Builder::new()
+            .name("ringbus-client-reader".into())
+            .spawn(move || read_loop(read, &sh))?;
+        Ok(Connection {
+            addr,
+            writer: Mutex::new(stream),
+            shared,
+            next_id: AtomicU32::new(1),
+            reader: Some(reader),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the connection failed (the reason is in every later error).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.lock().expect("lock").is_some()
+    }
+
+    /// Sends a request without waiting for its response.
+    pub fn send(&self, req: &Request) -> Result<PendingReply, ClientError> {
+        if let Some(why) = self.shared.closed.lock().expect("lock").clone() {
+            return Err(ClientError::Disconnected(why));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.shared
+            .pending
+            .lock()
+            .expect("lock")
+            .insert(id, (req.api_key(), tx));
+        let mut frame = Vec::new();
+        protocol::encode_request(id, req, &mut frame);
+        let mut w = self.writer.lock().expect("lock");
+        if let Err(e) = w.write_all(&frame) {
+            drop(w);
+            self.shared.fail_all(&e.to_string());
+            return Err(ClientError::Disconnected(e.to_string()));
+        }
+        Ok(PendingReply { rx })
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req)?.wait()
+    }
+
+    pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<(), ClientError> {
+        expect(
+            self.call(&Request::CreateTopic {
+                name: name.to_owned(),
+                config,
+            })?,
+            |r| matches!(r, Response::CreateTopic).then_some(()),
+        )
+    }
+
+    pub fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        expect(
+            self.call(&Request::DeleteTopic {
+                name: name.to_owned(),
+            })?,
+            |r| matches!(r, Response::DeleteTopic).then_some(()),
+        )
+    }
+
+    pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        expect(self.call(&Request::ListTopics)?, |r| match r {
+            Response::ListTopics(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    pub fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<Offset, ClientError> {
+        expect(
+            self.call(&Request::ListOffsets {
+                topic: topic.to_owned(),
+                partition,
+                spec,
+            })?,
+            |r| match r {
+                Response::ListOffsets { offset } => Some(offset),
+                _ => None,
+            },
+        )
+    }
+
+    /// Fetches batches from `offset`; waits up to `max_wait` for data at the tail.
+    pub fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: Offset,
+        max_bytes: u32,
+        max_wait: Duration,
+    ) -> Result<FetchResult, ClientError> {
+        let resp = self.call(&Request::Fetch {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
+        })?;
+        expect(resp, |r| match r {
+            Response::Fetch {
+                high_watermark,
+                log_start,
+                next_offset,
+                records,
+            } => Some(FetchResult {
+                high_watermark,
+                log_start,
+                next_offset,
+                records: records.into_iter().next().unwrap_or_default(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Produces ready-made batches; returns the partition and each batch's base offset.
+    pub fn produce(
+        &self,
+        topic: &str,
+        partition: PartitionSelector,
+        durability: Durability,
+        batches: Bytes,
+    ) -> Result<(u32, Vec<Offset>), ClientError> {
+        let resp = self.call(&Request::Produce {
+            topic: topic.to_owned(),
+            partition,
+            durability,
+            batches,
+        })?;
+        expect(resp, |r| match r {
+            Response::Produce {
+                partition,
+                base_offsets,
+            } => Some((partition, base_offsets)),
+            _ => None,
+        })
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Ok(w) = self.writer.lock() {
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn expect<T>(resp: Response, f: impl FnOnce(Response) -> Option<T>) -> Result<T, ClientError> {
+    let dbg = format!("{resp:?}");
+    f(resp).ok_or_else(|| {
+        ClientError::Protocol(format!(
+            "unexpected response {}",
+            &dbg[..dbg.len().min(200)]
+        ))
+    })
+}
+
+fn read_loop(mut s: TcpStream, shared: &Shared) {
+    let why = loop {
+        let mut prefix = [0u8; 4];
+        if let Err(e) = s.read_exact(&mut prefix) {
+            break e.to_string();
+        }
+        let len = u32::from_le_bytes(prefix) as usize;
+        if len > RESPONSE_FRAME_BYTES_MAX {
+            break format!("response frame of {len} bytes over the limit");
+        }
+        let mut body = vec![0u8; len];
+        if let Err(e) = s.read_exact(&mut body) {
+            break e.to_string();
+        }
+        let body = Bytes::from(body);
+        let Some(id) = body
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+        else {
+            break "response shorter than its header".into();
+        };
+        let entry = shared.pending.lock().expect("lock").remove(&id);
+        let Some((key, tx)) = entry else {
+            // Correlation 0 is how the broker reports an unframeable request.
+            if id == 0 {
+                break match protocol::decode_response(ApiKey::ApiVersions, &body) {
+                    Ok((_, Err((code, msg)))) => {
+                        format!("broker closed the connection: {code:?}: {msg}")
+                    }
+                    _ => "broker closed the connection".into(),
+                };
+            }
+            continue;
+        };
+        let reply = match protocol::decode_response(key, &body) {
+            Ok((_, Ok(r))) => Ok(r),
+            Ok((_, Err((code, message)))) => Err(ClientError::Broker { code, message }),
+            Err(e) => Err(ClientError::Protocol(e)),
+        };
+        let _ = tx.send(reply);
+    };
+    shared.fail_all(&why);
+}
+
+/// What a fetch returned: whole batches, zero-copy from the response frame.
+#[derive(Debug, Clone, Default)]
+pub struct FetchResult {
+    pub high_watermark: Offset,
+    pub log_start: Offset,
+    pub next_offset: Offset,
+    pub records: Bytes,
+}
+
+/// One consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    pub partition: u32,
+    pub offset: Offset,
+    pub timestamp: TimestampMs,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+impl FetchResult {
+    /// Decodes and checks every batch (CRC included); records before `from` (the
+    /// start of the first batch) are skipped.
+    pub fn records(
+        &self,
+        partition: u32,
+        from: Offset,
+    ) -> Result<Vec<ConsumedRecord>, ClientError> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < self.records.len() {
+            let b = BatchRef::parse_full(&self.records[pos..])
+                .map_err(|e| ClientError::Protocol(format!("bad batch from broker: {e}")))?;
+            for r in b.records() {
+                let r = r.map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if r.offset < from {
+                    continue;
+                }
+                let sl = |s: Option<&[u8]>| s.map(|s| self.records.slice_ref(s));
+                out.push(ConsumedRecord {
+                    partition,
+                    offset: r.offset,
+                    timestamp: r.timestamp,
+                    key: sl(r.key),
+                    value: sl(r.value),
+                    headers: r
+                        .headers()
+                        .filter_map(Result::ok)
+                        .map(|h| (h.key.to_owned(), h.value.map(|v| self.records.slice_ref(v))))
+                        .collect(),
+                });
+            }
+            pos += b.len();
+        }
+        Ok(out)
+    }
+}
+
+/// Reads one partition from an offset, with long polling and reconnects.
+#[derive(Debug)]
+pub struct Consumer {
+    addr: String,
+    conn: Option<Connection>,
+    topic: String,
+    partition: u32,
+    offset: Offset,
+    pub max_bytes: u32,
+}
+
+impl Consumer {
+    pub fn new(
+        addr: &str,
+        topic: &str,
+        partition: u32,
+        offset: Offset,
+    ) -> Result<Consumer, ClientError> {
+        Ok(Consumer {
+            addr: addr.to_owned(),
+            conn: Some(Connection::connect(addr)?),
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes: 1 << 20,
+        })
+    }
+
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    pub fn seek(&mut self, offset: Offset) {
+        self.offset = offset;
+    }
+
+    /// Returns the next records, waiting up to `max_wait` when none are there yet.
+    /// Reconnects once on a lost connection.
+    pub fn poll(&mut self, max_wait: Duration) -> Result<Vec<ConsumedRecord>, ClientError> {
+        for attempt in 0..2 {
+            if self.conn.as_ref().is_none_or(Connection::is_closed) {
+                self.conn = Some(Connection::connect(self.addr.as_str())?);
+            }
+            let conn = self.conn.as_ref().expect("connected");
+            match conn.fetch(
+                &self.topic,
+                self.partition,
+                self.offset,
+                self.max_bytes,
+                max_wait,
+            ) {
+                Ok(f) => {
+                    let recs = f.records(self.partition, self.offset)?;
+                    self.offset = self.offset.max(f.next_offset);
+                    return Ok(recs);
+                }
+                Err(e) if e.is_retriable() && attempt == 0 => self.conn = None,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("loop returns")
+    }
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub durability: Durability,
+    /// Send a partition's batch once it holds this many bytes ...
+    pub batch_bytes: usize,
+    /// ... or once its first record has waited this long.
+    pub linger: Duration,
+    /// Requests in flight per producer.
+    pub in_flight: usize,
+    /// Retries of a request that failed on the connection (not on a broker error).
+    pub retries: u32,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            durability: Durability::Fsync,
+            batch_bytes: 1 << 20,
+            linger: Duration::from_millis(5),
+            in_flight: 8,
+            retries: 3,
+        }
+    }
+}
+
+/// The outcome of one produced record.
+#[derive(Debug)]
+pub struct RecordReceipt {
+    rx: mpsc::Receiver<Result<(u32, Offset), ClientError>>,
+}
+
+impl RecordReceipt {
+    /// Blocks until the broker acknowledged (or refused) the record; returns its
+    /// partition and offset.
+    pub fn wait(self) -> Result<(u32, Offset), ClientError> {
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(ClientError::Disconnected("producer closed".into())))
+    }
+}
+
+struct Open {
+    builder: BatchBuilder,
+    receipts: Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
+    since: Instant,
+}
+
+struct ProducerState {
+    open: HashMap<(String, u32), Open>,
+    closing: bool,
+}
+
+/// Batches records per partition by size and linger time and keeps several
+/// requests in flight. Records are routed by explicit partition or by key (Kafka's
+/// murmur2), so keyed records keep their partition.
+pub struct Producer {
+    state: Arc<(Mutex<ProducerState>, Condvar)>,
+    partitions: Mutex<HashMap<String, u32>>,
+    addr: String,
+    sender: Option<thread::JoinHandle<()>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Producer({})", self.addr)
+    }
+}
+
+impl Producer {
+    pub fn new(addr: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
+        let conn = Connection::connect(addr)?;
+        let state = Arc::new((
+            Mutex::new(ProducerState {
+                open: HashMap::new(),
+                closing: false,
+            }),
+            Condvar::new(),
+        ));
+        let st = state.clone();
+        let a = addr.to_owned();
+        let failed = Arc::new(AtomicBool::new(false));
+        let sender = thread::Builder::new()
+            .name("ringbus-producer".into())
+            .spawn(move || send_loop(&a, conn, &st, &config))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Producer {
+            state,
+            partitions: Mutex::new(HashMap::new()),
+            addr: addr.to_owned(),
+            sender: Some(sender),
+            failed,
+        })
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        if let Some(n) = self.partitions.lock().expect("lock").get(topic) {
+            return Ok(*n);
+        }
+        let conn = Connection::connect(self.addr.as_str())?;
+        let topics = conn.list_topics()?;
+        let t = topics
+            .iter()
+            .find(|t| t.name == topic)
+            .ok_or_else(|| ClientError::Broker {
+                code: ErrorCode::UnknownTopic,
+                message: format!("unknown topic {topic}"),
+            })?;
+        self.partitions
+            .lock()
+            .expect("lock")
+            .insert(topic.to_owned(), t.config.partitions);
+        Ok(t.config.partitions)
+    }
+
+    /// Queues one record. `partition` wins over `key`; with neither, records go to
+    /// partition 0.
+    pub fn send(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> Result<RecordReceipt, ClientError> {
+        let p = match (partition, key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => protocol::partition_for_key(k, self.partition_count(topic)?),
+            (None, None) => 0,
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().expect("lock");
+        if st.closing {
+            return Err(ClientError::Disconnected("producer closed".into()));
+        }
+        let open = st
+            .open
+            .entry((topic.to_owned(), p))
+            .or_insert_with(|| Open {
+                builder: BatchBuilder::default(),
+                receipts: Vec::new(),
+                since: Instant::now(),
+            });
+        open.builder.push(RecordInput {
+            timestamp: TimestampMs::now(),
+            key,
+            value: Some(value),
+            headers,
+        });
+        open.receipts.push(tx);
+        cv.notify_all();
+        let _ = &self.failed;
+        Ok(RecordReceipt { rx })
+    }
+
+    /// Sends everything queued and waits until the broker answered all of it.
+    pub fn flush(&self) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().expect("lock");
+        for o in st.open.values_mut() {
+            o.since = Instant::now() - Duration::from_secs(3600);
+        }
+        cv.notify_all();
+        while !st.open.is_empty() {
+            st = cv
+                .wait_timeout(st, Duration::from_millis(5))
+                .expect("lock")
+                .0;
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.flush();
+        {
+            let (lock, cv) = &*self.state;
+            lock.lock().expect("lock").closing = true;
+            cv.notify_all();
+        }
+        if let Some(s) = self.sender.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+type InFlight = (
+    PendingReply,
+    Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
+    Request,
+    u32,
+);
+
+fn send_loop(
+    addr: &str,
+    conn: Connection,
+    state: &(Mutex<ProducerState>, Condvar),
+    config: &ProducerConfig,
+) {
+    let (lock, cv) = state;
+    let mut conn = Some(conn);
+    let mut inflight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    loop {
+        // Take every batch that is due.
+        let mut due = Vec::new();
+        {
+            let mut st = lock.lock().expect("lock");
+            loop {
+                let now = Instant::now();
+                let ready: Vec<_> = st
+                    .open
+                    .iter()
+                    .filter(|(_, o)| {
+                        o.builder.encoded_len() >= config.batch_bytes
+                            || now >= o.since + config.linger
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in ready {
+                    if let Some(o) = st.open.remove(&k) {
+                        due.push((k, o));
+                    }
+                }
+                if !due.is_empty() || !inflight.is_empty() || (st.closing && st.open.is_empty()) {
+                    break;
+                }
+                let wait = st
+                    .open
+                    .values()
+                    .map(|o| (o.since + config.linger).saturating_duration_since(now))
+                    .min()
+                    .unwrap_or(Duration::from_millis(50));
+                st = cv
+                    .wait_timeout(st, wait.max(Duration::from_micros(100)))
+                    .expect("lock")
+                    .0;
+            }
+            if due.is_empty() && inflight.is_empty() && st.closing {
+                return;
+            }
+            cv.notify_all();
+        }
+        for ((topic, p), o) in due {
+            let req = Request::Produce {
+                topic,
+                partition: PartitionSelector::Partition(p),
+                durability: config.durability,
+                batches: Bytes::from(o.builder.finish()),
+            };
+            while inflight.len() >= config.in_flight {
+                finish_one(addr, &mut conn, &mut inflight, config);
+            }
+            match send_with_retry(addr, &mut conn, &req, config.retries) {
+                Ok(pending) => inflight.push_back((pending, o.receipts, req, config.retries)),
+                Err(e) => o.receipts.into_iter().for_each(|r| {
+                    let _ = r.send(Err(e.clone()));
+                }),
+            }
+        }
+        if !inflight.is_empty() {
+            finish_one(addr, &mut conn, &mut inflight, config);
+        }
+    }
+}
+
+fn send_with_retry(
+    addr: &str,
+    conn: &mut Option<Connection>,
+    req: &Request,
+    retries: u32,
+) -> Result<PendingReply, ClientError> {
+    let mut last = None;
+    for attempt in 0..=retries {
+        if conn.as_ref().is_none_or(Connection::is_closed) {
+            match Connection::connect(addr) {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    last = Some(e);
+                    thread::sleep(Duration::from_millis(50 << attempt.min(5)));
+                    continue;
+                }
+            }
+        }
+        match conn.as_ref().expect("connected").send(req) {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                last = Some(e);
+                *conn = None;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Disconnected("no attempt".into())))
+}
+
+fn finish_one(
+    addr: &str,
+    conn: &mut Option<Connection>,
+    inflight: &mut std::collections::VecDeque<InFlight>,
+    _config: &ProducerConfig,
+) {
+    let Some((pending, receipts, req, retries)) = inflight.pop_front() else {
+        return;
+    };
+    let result = match pending.wait() {
+        Ok(Response::Produce {
+            partition,
+            base_offsets,
+        }) => Ok((partition, base_offsets.first().copied().unwrap_or_default())),
+        Ok(other) => Err(ClientError::Protocol(format!(
+            "unexpected response {other:?}"
+        ))),
+        Err(e) if e.is_retriable() && retries > 0 => {
+            // The request may or may not have been appended (at-least-once).
+            *conn = None;
+            match send_with_retry(addr, conn, &req, retries - 1) {
+                Ok(p) => {
+                    inflight.push_front((p, receipts, req, retries - 1));
+                    return;
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    for (i, r) in receipts.into_iter().enumerate() {
+        let _ = r.send(result.clone().map(|(p, base)| (p, base.plus(i as u64))));
+    }
+}

@@ -1,0 +1,195 @@
+//! The broker: configuration, start-up, one glommio executor per core, signal
+//! handling and graceful shutdown. Shards live in [`shard`], connections in
+//! [`conn`], the topic catalog in [`catalog`].
+//!
+//! This module and its children are where glommio meets the network; the layers
+//! below (protocol, storage core) do not know about it.
+
+pub mod catalog;
+pub mod conn;
+pub mod shard;
+
+use crate::limits;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Broker settings, from flags or a TOML file (`--config`); flags win.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Shards (executors, one per core). 0 = every core.
+    pub cores: usize,
+    pub max_connections: usize,
+    pub max_frame_bytes: usize,
+    /// Requests one connection may have in flight.
+    pub max_in_flight_per_connection: usize,
+    /// Defaults for topics created without their own settings.
+    pub segment_bytes: u64,
+    pub segment_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub flush_bytes: u64,
+    pub flush_delay_us: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], limits::DEFAULT_PORT)),
+            data_dir: PathBuf::from("ringbus-data"),
+            cores: 0,
+            max_connections: limits::CONNECTIONS_MAX_DEFAULT,
+            max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
+            max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
+            segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
+            segment_ms: None,
+            retention_bytes: None,
+            retention_ms: None,
+            flush_bytes: limits::FLUSH_BYTES_DEFAULT,
+            flush_delay_us: limits::FLUSH_DELAY_US_DEFAULT,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<ServerConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.cores == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.cores
+        }
+    }
+}
+
+/// State every shard shares (atomics only: no locks on the request path).
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ServerConfig,
+    pub shards: usize,
+    pub connections: AtomicUsize,
+    pub shutdown: AtomicBool,
+}
+
+/// Runs the broker until SIGINT or SIGTERM, then shuts down gracefully.
+pub fn run(mut config: ServerConfig) -> anyhow::Result<()> {
+    let shards = config.shard_count();
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
+    let _lock = crate::storage::io::lock_dir(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another broker ({e})",
+            config.data_dir.display()
+        )
+    })?;
+    let catalog = catalog::Catalog::load(&config.data_dir)?;
+    // A crash during a topic delete can leave its directory behind.
+    if let Ok(entries) = std::fs::read_dir(config.data_dir.join("topics")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !catalog.topics.contains_key(&name) {
+                tracing::warn!(topic = name, "removing the data of a deleted topic");
+                std::fs::remove_dir_all(e.path())
+                    .map_err(|err| anyhow::anyhow!("remove {}: {err}", e.path().display()))?;
+            }
+        }
+    }
+    // Bind once here to learn the port (for `:0`); shards then bind the same port
+    // with SO_REUSEPORT and the kernel spreads connections across them.
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(config.listen),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    probe.set_reuse_port(true)?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&config.listen.into())?;
+    config.listen = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| anyhow::anyhow!("listen address is not an IP socket"))?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        shards,
+        connections: AtomicUsize::new(0),
+        shutdown: AtomicBool::new(false),
+    });
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let handle = signals.handle();
+    let sh = shared.clone();
+    let signal_thread = std::thread::spawn(move || {
+        let mut signals = signals;
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down");
+            sh.shutdown.store(true, Ordering::SeqCst);
+        }
+    });
+    let mesh =
+        glommio::channels::channel_mesh::MeshBuilder::full(shards, limits::SHARD_CHANNEL_CAPACITY);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut executors = Vec::new();
+    for id in 0..shards {
+        let shared = shared.clone();
+        let mesh = mesh.clone();
+        let catalog = catalog.clone();
+        let ready = ready_tx.clone();
+        let placement = if shards <= std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            glommio::Placement::Fixed(id)
+        } else {
+            glommio::Placement::Unbound
+        };
+        let ex = glommio::LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move { shard::run(id, shared, mesh, catalog, ready).await })
+            .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;
+        executors.push(ex);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.shutdown.store(true, Ordering::SeqCst);
+                return Err(anyhow::anyhow!("shard failed to start: {e}"));
+            }
+            Err(_) => {
+                shared.shutdown.store(true, Ordering::SeqCst);
+                return Err(anyhow::anyhow!("a shard exited during start-up"));
+            }
+        }
+    }
+    drop(probe);
+    tracing::info!(addr = %config.listen, shards, data_dir = %config.data_dir.display(), "ringbus listening");
+    println!("ringbus listening on {}", config.listen);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut result = Ok(());
+    for (id, ex) in executors.into_iter().enumerate() {
+        match ex.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(anyhow::anyhow!("shard {id}: {e}")),
+            Err(e) => result = Err(anyhow::anyhow!("shard {id} panicked: {e:?}")),
+        }
+        shared.shutdown.store(true, Ordering::SeqCst);
+    }
+    handle.close();
+    let _ = signal_thread.join();
+    tracing::info!("ringbus stopped");
+    result
+}
