@@ -792,3 +792,211 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     assert!(partitions > 0);
     ((murmur2(key) & 0x7fff_ffff) as u32) % partitions
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Durability;
+
+    fn round_trip(req: Request) {
+        let mut out = Vec::new();
+        encode_request(42, &req, &mut out);
+        let len = frame_len(&out, usize::MAX).unwrap().unwrap();
+        assert_eq!(len + LENGTH_PREFIX_LEN, out.len());
+        let frame = Bytes::from(out).slice(LENGTH_PREFIX_LEN..);
+        let (h, back) = decode_request(&frame).unwrap();
+        assert_eq!(h.correlation_id, 42);
+        assert_eq!(back, req);
+        // Every truncation is an error, never a panic.
+        for cut in 0..frame.len() {
+            assert!(
+                decode_request(&frame.slice(..cut)).is_err(),
+                "cut {cut} of {req:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        round_trip(Request::ApiVersions);
+        round_trip(Request::ListTopics);
+        round_trip(Request::CreateTopic {
+            name: "orders.v1".into(),
+            config: TopicConfig {
+                partitions: 12,
+                segment_bytes: Some(1 << 20),
+                retention_bytes: None,
+                retention_ms: Some(60_000),
+            },
+        });
+        round_trip(Request::DeleteTopic { name: "t".into() });
+        round_trip(Request::Produce {
+            topic: "t".into(),
+            partition: PartitionSelector::Key(Bytes::from_static(b"user-7")),
+            durability: Durability::Memory,
+            batches: Bytes::from_static(b"not parsed here"),
+        });
+        round_trip(Request::Produce {
+            topic: "t".into(),
+            partition: PartitionSelector::Partition(3),
+            durability: Durability::Fsync,
+            batches: Bytes::from_static(b"x"),
+        });
+        round_trip(Request::Fetch {
+            topic: "t".into(),
+            partition: 1,
+            offset: Offset(99),
+            max_bytes: 1 << 20,
+            max_wait_ms: 500,
+        });
+        for spec in [
+            OffsetSpec::Earliest,
+            OffsetSpec::Latest,
+            OffsetSpec::Timestamp(1_700_000_000_000),
+        ] {
+            round_trip(Request::ListOffsets {
+                topic: "t".into(),
+                partition: 0,
+                spec,
+            });
+        }
+    }
+
+    #[test]
+    fn responses_round_trip_including_zero_copy_fetch() {
+        let cases = [
+            (
+                ApiKey::ApiVersions,
+                Response::ApiVersions(vec![(0, 0, 0), (4, 0, 0)]),
+            ),
+            (ApiKey::CreateTopic, Response::CreateTopic),
+            (
+                ApiKey::Produce,
+                Response::Produce {
+                    partition: 2,
+                    base_offsets: vec![Offset(5), Offset(9)],
+                },
+            ),
+            (
+                ApiKey::ListOffsets,
+                Response::ListOffsets { offset: Offset(77) },
+            ),
+            (
+                ApiKey::ListTopics,
+                Response::ListTopics(vec![TopicInfo {
+                    name: "a".into(),
+                    config: TopicConfig {
+                        partitions: 1,
+                        ..TopicConfig::default()
+                    },
+                    partitions: vec![PartitionInfo {
+                        partition: 0,
+                        log_start: Offset(1),
+                        high_watermark: Offset(3),
+                    }],
+                }]),
+            ),
+        ];
+        for (key, resp) in cases {
+            let mut out = Vec::new();
+            let tail = encode_response(9, &resp, &mut out);
+            assert!(tail.is_empty());
+            let frame = Bytes::from(out).slice(LENGTH_PREFIX_LEN..);
+            assert_eq!(decode_response(key, &frame).unwrap(), (9, Ok(resp)));
+        }
+        // Fetch: the records travel after the head, and the prefix counts them.
+        let recs = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg")];
+        let resp = Response::Fetch {
+            high_watermark: Offset(10),
+            log_start: Offset(0),
+            next_offset: Offset(4),
+            records: recs.clone(),
+        };
+        let mut out = Vec::new();
+        let tail = encode_response(3, &resp, &mut out);
+        assert_eq!(tail, recs);
+        for t in &tail {
+            out.extend_from_slice(t);
+        }
+        assert_eq!(frame_len(&out, usize::MAX).unwrap(), Some(out.len() - 4));
+        let frame = Bytes::from(out).slice(LENGTH_PREFIX_LEN..);
+        match decode_response(ApiKey::Fetch, &frame).unwrap() {
+            (
+                3,
+                Ok(Response::Fetch {
+                    records,
+                    next_offset,
+                    ..
+                }),
+            ) => {
+                assert_eq!(records.concat(), b"abcdefg");
+                assert_eq!(next_offset, Offset(4));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_carry_code_and_message() {
+        let mut out = Vec::new();
+        encode_error(5, ErrorCode::UnknownTopic, "no such topic", &mut out);
+        let frame = Bytes::from(out).slice(LENGTH_PREFIX_LEN..);
+        assert_eq!(
+            decode_response(ApiKey::Fetch, &frame).unwrap(),
+            (5, Err((ErrorCode::UnknownTopic, "no such topic".into())))
+        );
+    }
+
+    #[test]
+    fn frames_are_bounded_before_reading_the_body() {
+        assert_eq!(frame_len(&[1, 0], 100), Ok(None));
+        assert_eq!(frame_len(&[10, 0, 0, 0, 1], 100), Ok(None));
+        assert!(matches!(
+            frame_len(&[0xff, 0xff, 0xff, 0xff], 1 << 20),
+            Err(FrameError::TooLarge { .. })
+        ));
+        // Unknown key and version are typed errors that keep the header.
+        let mut f = vec![99, 0, 0, 0, 7, 0, 0, 0];
+        let e = decode_request(&Bytes::from(f.clone())).unwrap_err();
+        assert_eq!(
+            (e.code, e.header.map(|h| h.correlation_id)),
+            (ErrorCode::UnknownApi, Some(7))
+        );
+        f[0] = ApiKey::Fetch as u8;
+        f[2] = 9;
+        assert_eq!(
+            decode_request(&Bytes::from(f)).unwrap_err().code,
+            ErrorCode::UnsupportedVersion
+        );
+        // Bad topic names are refused.
+        let mut out = Vec::new();
+        encode_request(
+            1,
+            &Request::DeleteTopic {
+                name: "../etc".into(),
+            },
+            &mut out,
+        );
+        let e = decode_request(&Bytes::from(out).slice(4..)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::MalformedRequest);
+    }
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.
+        for (s, h) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(s.as_bytes()), h, "{s}");
+        }
+        assert!(partition_for_key(b"foobar", 7) < 7);
+    }
+}

@@ -543,10 +543,6 @@ impl<B: LogIo> Segment<B> {
             }
             _ => false,
         };
-        rec.index_rebuilt = !trusted;
-        if !trusted && !full {
-            tracing::warn!(segment = %path.display(), "index missing or damaged; rebuilding from the log");
-        }
 
         // Scan; `note_batch` rebuilds index entries past the trusted point.
         let mut infos = Vec::new();
@@ -571,6 +567,11 @@ impl<B: LogIo> Segment<B> {
             seg.note_batch(b.position, b.base_offset, b.last_offset, b.max_timestamp);
         }
         rec.batches_scanned = infos.len() as u64;
+        // An empty segment has an empty index: nothing was lost or rebuilt.
+        rec.index_rebuilt = !trusted && !infos.is_empty();
+        if rec.index_rebuilt && !full {
+            tracing::warn!(segment = %path.display(), "index missing or damaged; rebuilt from the log");
+        }
         let end = scanned.end;
         let next = scanned.next_offset.unwrap_or(start.1);
         let garbage_end = end as usize + nonzero_end(&scan_map[end as usize..]);

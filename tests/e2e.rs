@@ -1,0 +1,621 @@
+//! End-to-end tests: the real `ringbus` binary on an ephemeral loopback port, with
+//! two shards, driven through the Rust client, the CLI and raw sockets.
+
+use ringbus::client::{Connection, Consumer, Producer, ProducerConfig};
+use ringbus::protocol::{
+    self, ErrorCode, OffsetSpec, PartitionSelector, Request, Response, TopicConfig,
+};
+use ringbus::storage::Durability;
+use ringbus::Offset;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Broker {
+    fn start(dir: &std::path::Path) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringbus"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--cores",
+                "2",
+                "--segment-bytes",
+                "1048576",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringbus");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("ringbus listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Broker { child, addr }
+    }
+
+    fn conn(&self) -> Connection {
+        Connection::connect(self.addr.as_str()).unwrap()
+    }
+
+    /// SIGTERM and wait: a graceful shutdown must exit 0.
+    fn stop(mut self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "broker exit status {status}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn topic(parts: u32) -> TopicConfig {
+    TopicConfig {
+        partitions: parts,
+        ..TopicConfig::default()
+    }
+}
+
+/// Every value in a partition from offset 0, with offsets.
+fn read_partition(addr: &str, topic: &str, p: u32) -> Vec<(Offset, Vec<u8>)> {
+    let mut c = Consumer::new(addr, topic, p, Offset(0)).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let recs = c.poll(Duration::ZERO).unwrap();
+        if recs.is_empty() {
+            return out;
+        }
+        out.extend(
+            recs.into_iter()
+                .map(|r| (r.offset, r.value.unwrap().to_vec())),
+        );
+    }
+}
+
+#[test]
+fn produce_and_consume_across_partitions_on_two_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("orders", topic(6)).unwrap();
+    let shards: std::collections::HashSet<_> = (0..6)
+        .map(|p| ringbus::server::shard::owner("orders", p, 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "partitions must span both shards");
+
+    let producer = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            linger: Duration::from_millis(2),
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..3000u32 {
+        let key = format!("customer-{}", i % 40);
+        let value = format!("{key}:{i}");
+        receipts.push((
+            value.clone(),
+            producer
+                .send("orders", None, Some(key.as_bytes()), value.as_bytes(), &[])
+                .unwrap(),
+        ));
+    }
+    producer.flush();
+    let mut acked: BTreeMap<u32, Vec<(Offset, Vec<u8>)>> = BTreeMap::new();
+    for (v, r) in receipts {
+        let (p, o) = r.wait().unwrap();
+        assert_eq!(
+            p,
+            protocol::partition_for_key(v.split(':').next().unwrap().as_bytes(), 6)
+        );
+        acked.entry(p).or_default().push((o, v.into_bytes()));
+    }
+    drop(producer);
+    let mut total = 0;
+    for (p, mut want) in acked {
+        want.sort();
+        let got = read_partition(&b.addr, "orders", p);
+        assert_eq!(
+            got, want,
+            "partition {p}: every message once, in offset order"
+        );
+        // Within a key, values arrive in the order they were sent.
+        let mut last: HashMap<String, u32> = HashMap::new();
+        for (_, v) in &got {
+            let s = String::from_utf8(v.clone()).unwrap();
+            let (k, i) = s.split_once(':').unwrap();
+            let i: u32 = i.parse().unwrap();
+            assert!(
+                last.insert(k.to_owned(), i).is_none_or(|prev| prev < i),
+                "reordered within {k}"
+            );
+        }
+        total += got.len();
+    }
+    assert_eq!(total, 3000);
+    let listed = b.conn().list_topics().unwrap();
+    let hw: u64 = listed[0]
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark.0)
+        .sum();
+    assert_eq!(hw, 3000);
+    b.stop();
+}
+
+#[test]
+fn topics_and_messages_survive_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    c.create_topic("a", topic(3)).unwrap();
+    c.create_topic(
+        "b",
+        TopicConfig {
+            partitions: 1,
+            retention_ms: Some(86_400_000),
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            durability: Durability::Memory,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    for i in 0..300u32 {
+        p.send("a", Some(i % 3), None, format!("m{i}").as_bytes(), &[])
+            .unwrap();
+    }
+    p.flush();
+    drop(p);
+    drop(c);
+    b.stop();
+
+    let b = Broker::start(dir.path());
+    let topics = b.conn().list_topics().unwrap();
+    let names: Vec<_> = topics
+        .iter()
+        .map(|t| (t.name.as_str(), t.config.partitions))
+        .collect();
+    assert_eq!(names, vec![("a", 3), ("b", 1)]);
+    assert_eq!(topics[1].config.retention_ms, Some(86_400_000));
+    for part in 0..3 {
+        let got = read_partition(&b.addr, "a", part);
+        assert_eq!(got.len(), 100);
+        for (j, (o, v)) in got.iter().enumerate() {
+            assert_eq!(o.0, j as u64);
+            assert_eq!(v, format!("m{}", j as u32 * 3 + part).as_bytes());
+        }
+    }
+    // Deleting a topic removes it and its data, also across a restart.
+    b.conn().delete_topic("a").unwrap();
+    assert_eq!(b.conn().list_topics().unwrap().len(), 1);
+    assert!(!dir.path().join("topics/a").exists());
+    b.stop();
+    let b = Broker::start(dir.path());
+    assert_eq!(b.conn().list_topics().unwrap().len(), 1);
+    b.stop();
+}
+
+#[test]
+fn kill9_while_producing_keeps_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = Broker::start(dir.path());
+    b.conn().create_topic("k", topic(4)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let (addr, stop, acked) = (b.addr.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let c = Connection::connect(addr.as_str()).unwrap();
+                for seq in 0u32.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut builder = ringbus::batch::BatchBuilder::default();
+                    let values: Vec<String> =
+                        (0..10).map(|j| format!("t{t}-s{seq}-r{j}")).collect();
+                    for v in &values {
+                        builder.push(ringbus::batch::RecordInput {
+                            value: Some(v.as_bytes()),
+                            ..Default::default()
+                        });
+                    }
+                    let bytes = bytes::Bytes::from(builder.finish());
+                    match c.produce(
+                        "k",
+                        PartitionSelector::Partition(t),
+                        Durability::Fsync,
+                        bytes,
+                    ) {
+                        Ok((p, bases)) => acked.lock().unwrap().push((p, bases[0], values)),
+                        Err(_) => return, // the broker died
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    b.child.kill().unwrap(); // SIGKILL
+    b.child.wait().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(
+        acked.len() > 20,
+        "only {} batches acknowledged",
+        acked.len()
+    );
+    drop(b);
+
+    let b = Broker::start(dir.path());
+    let mut parts: HashMap<u32, Vec<(Offset, Vec<u8>)>> = HashMap::new();
+    for p in 0..4 {
+        parts.insert(p, read_partition(&b.addr, "k", p));
+    }
+    for (p, base, values) in &acked {
+        let got = &parts[p];
+        for (j, v) in values.iter().enumerate() {
+            let o = base.plus(j as u64);
+            let rec = got
+                .get(o.0 as usize)
+                .unwrap_or_else(|| panic!("acked offset {o} of partition {p} lost"));
+            assert_eq!(
+                (rec.0, rec.1.as_slice()),
+                (o, v.as_bytes()),
+                "partition {p}"
+            );
+        }
+    }
+    for (p, got) in &parts {
+        for (i, (o, _)) in got.iter().enumerate() {
+            assert_eq!(
+                o.0, i as u64,
+                "partition {p}: offsets must be dense and in order"
+            );
+        }
+    }
+    eprintln!("{} acknowledged batches all recovered", acked.len());
+    b.stop();
+}
+
+fn raw_request(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).unwrap();
+}
+
+/// Reads one response frame; `None` when the broker closed the connection.
+fn raw_response(s: &mut TcpStream) -> Option<(u32, u16)> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some((
+        u32::from_le_bytes(body[..4].try_into().unwrap()),
+        u16::from_le_bytes(body[4..6].try_into().unwrap()),
+    ))
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_input_on_one_connection_leaves_the_others_and_the_log_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("good", topic(2)).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    // A well-behaved client keeps producing and consuming throughout.
+    let (addr, d) = (b.addr.clone(), done.clone());
+    let good = std::thread::spawn(move || {
+        let c = Connection::connect(addr.as_str()).unwrap();
+        let mut n = 0u64;
+        while !d.load(Ordering::SeqCst) {
+            let mut builder = ringbus::batch::BatchBuilder::default();
+            builder.push(ringbus::batch::RecordInput {
+                value: Some(format!("g{n}").as_bytes()),
+                ..Default::default()
+            });
+            let (_, bases) = c
+                .produce(
+                    "good",
+                    PartitionSelector::Partition(0),
+                    Durability::Fsync,
+                    bytes::Bytes::from(builder.finish()),
+                )
+                .unwrap();
+            assert_eq!(bases[0], Offset(n));
+            let f = c
+                .fetch("good", 0, Offset(n), 1 << 20, Duration::ZERO)
+                .unwrap();
+            assert_eq!(
+                f.records(0, Offset(n)).unwrap()[0].value.as_deref(),
+                Some(format!("g{n}").as_bytes())
+            );
+            n += 1;
+        }
+        n
+    });
+
+    // 1. Unknown API key with a valid header: typed error under its correlation id,
+    //    and the connection stays usable.
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    raw_request(&mut s, &[8, 0, 0, 0, 99, 0, 0, 0, 77, 0, 0, 0]);
+    assert_eq!(
+        raw_response(&mut s),
+        Some((77, ErrorCode::UnknownApi as u16))
+    );
+    let mut v = Vec::new();
+    protocol::encode_request(78, &Request::ApiVersions, &mut v);
+    raw_request(&mut s, &v);
+    assert_eq!(
+        raw_response(&mut s).map(|r| r.1),
+        Some(0),
+        "connection still serves after an unknown key"
+    );
+    // 2. A produce whose batch bytes are garbage: InvalidBatch, nothing appended.
+    let mut v = Vec::new();
+    let bad = Request::Produce {
+        topic: "good".into(),
+        partition: PartitionSelector::Partition(1),
+        durability: Durability::Fsync,
+        batches: bytes::Bytes::from(vec![0xAB; 200]),
+    };
+    protocol::encode_request(79, &bad, &mut v);
+    raw_request(&mut s, &v);
+    assert_eq!(
+        raw_response(&mut s),
+        Some((79, ErrorCode::InvalidBatch as u16))
+    );
+    // 3. A frame length of 4 GiB: FrameTooLarge under correlation 0, then closed.
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    raw_request(&mut s, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    assert_eq!(
+        raw_response(&mut s),
+        Some((0, ErrorCode::FrameTooLarge as u16))
+    );
+    assert!(closed(&mut s));
+    // 4. A frame too short for a header: MalformedRequest, then closed.
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    raw_request(&mut s, &[3, 0, 0, 0, 1, 2, 3]);
+    assert_eq!(
+        raw_response(&mut s),
+        Some((0, ErrorCode::MalformedRequest as u16))
+    );
+    assert!(closed(&mut s));
+    // 5. A truncated frame, then the client goes away.
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    raw_request(&mut s, &[100, 0, 0, 0, 4, 0, 0, 0, 1]);
+    drop(s);
+    // 6. Random bytes.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(&b.addr).unwrap();
+        let junk: Vec<u8> = (0..512)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = s.write_all(&junk);
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut sink = [0u8; 4096];
+        let _ = s.read(&mut sink);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::SeqCst);
+    let n = good.join().expect("the good client never saw an error");
+    assert!(n > 0);
+    // The log holds exactly the good client's messages.
+    let c = b.conn();
+    assert_eq!(
+        c.list_offsets("good", 0, OffsetSpec::Latest).unwrap(),
+        Offset(n)
+    );
+    assert_eq!(
+        c.list_offsets("good", 1, OffsetSpec::Latest).unwrap(),
+        Offset(0)
+    );
+    assert_eq!(read_partition(&b.addr, "good", 0).len() as u64, n);
+    b.stop();
+}
+
+#[test]
+fn long_poll_returns_as_soon_as_a_message_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("tail", topic(1)).unwrap();
+    let addr = b.addr.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = Connection::connect(addr.as_str()).unwrap();
+        let start = Instant::now();
+        // One request, up to 10 s: the broker holds it until data arrives.
+        let f = c
+            .fetch("tail", 0, Offset(0), 1 << 20, Duration::from_secs(10))
+            .unwrap();
+        (start.elapsed(), f.records(0, Offset(0)).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let mut builder = ringbus::batch::BatchBuilder::default();
+    builder.push(ringbus::batch::RecordInput {
+        value: Some(b"wake up"),
+        ..Default::default()
+    });
+    b.conn()
+        .produce(
+            "tail",
+            PartitionSelector::Partition(0),
+            Durability::Fsync,
+            bytes::Bytes::from(builder.finish()),
+        )
+        .unwrap();
+    let (waited, recs) = waiter.join().unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].value.as_deref(), Some(&b"wake up"[..]));
+    assert!(
+        waited >= Duration::from_millis(350),
+        "returned before the message existed: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "did not wake on the append: {waited:?}"
+    );
+    // With nothing to read, the wait ends at max_wait with an empty answer.
+    let start = Instant::now();
+    let f = b
+        .conn()
+        .fetch("tail", 0, Offset(1), 1 << 20, Duration::from_millis(300))
+        .unwrap();
+    assert!(f.records.is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(280));
+    b.stop();
+}
+
+#[test]
+fn errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    c.create_topic("t", topic(2)).unwrap();
+    let code = |r: Result<Response, ringbus::client::ClientError>| r.unwrap_err().code();
+    assert_eq!(
+        c.create_topic("t", topic(2)).unwrap_err().code(),
+        Some(ErrorCode::TopicExists)
+    );
+    assert_eq!(
+        c.create_topic("z", topic(0)).unwrap_err().code(),
+        Some(ErrorCode::InvalidConfig)
+    );
+    assert_eq!(
+        c.delete_topic("nope").unwrap_err().code(),
+        Some(ErrorCode::UnknownTopic)
+    );
+    let fetch = |t: &str, p: u32, o: u64| {
+        c.call(&Request::Fetch {
+            topic: t.into(),
+            partition: p,
+            offset: Offset(o),
+            max_bytes: 100,
+            max_wait_ms: 0,
+        })
+    };
+    assert_eq!(code(fetch("nope", 0, 0)), Some(ErrorCode::UnknownTopic));
+    assert_eq!(code(fetch("t", 2, 0)), Some(ErrorCode::UnknownPartition));
+    assert_eq!(code(fetch("t", 0, 5)), Some(ErrorCode::OffsetOutOfRange));
+    assert_eq!(
+        c.list_offsets("t", 0, OffsetSpec::Timestamp(0))
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::OffsetNotFound)
+    );
+    b.stop();
+}
+
+#[test]
+fn cli_quickstart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let bin = env!("CARGO_BIN_EXE_ringbus");
+    let run = |args: &[&str], stdin: &str| {
+        let mut c = Command::new(bin)
+            .args(args)
+            .args(["--addr", &b.addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["topic", "create", "greetings", "--partitions", "3"], "");
+    assert!(run(&["topic", "list"], "").contains("greetings\tpartitions=3"));
+    run(
+        &["produce", "greetings", "--key", "alice"],
+        "hello\nworld\n",
+    );
+    run(
+        &[
+            "produce",
+            "greetings",
+            "--partition",
+            "2",
+            "--durability",
+            "memory",
+        ],
+        "third\n",
+    );
+    let all = run(&["consume", "greetings"], "");
+    let mut lines: Vec<_> = all.lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["hello", "third", "world"]);
+    let p = protocol::partition_for_key(b"alice", 3).to_string();
+    assert_eq!(
+        run(
+            &["consume", "greetings", "--partition", &p, "--count", "1"],
+            ""
+        ),
+        "hello\n"
+    );
+    assert_eq!(
+        run(
+            &[
+                "consume",
+                "greetings",
+                "--partition",
+                "2",
+                "--from",
+                "latest"
+            ],
+            ""
+        ),
+        ""
+    );
+    run(&["topic", "delete", "greetings"], "");
+    assert!(!run(&["topic", "list"], "").contains("greetings"));
+    b.stop();
+}
