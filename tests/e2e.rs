@@ -22,6 +22,10 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &std::path::Path) -> Broker {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &std::path::Path, extra: &[&str]) -> Broker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringbus"))
             .args([
                 "serve",
@@ -34,6 +38,7 @@ impl Broker {
             ])
             .arg("--data-dir")
             .arg(dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -617,5 +622,48 @@ fn cli_quickstart() {
     );
     run(&["topic", "delete", "greetings"], "");
     assert!(!run(&["topic", "list"], "").contains("greetings"));
+    b.stop();
+}
+
+#[test]
+fn connection_limit_and_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ringbus.toml");
+    std::fs::write(&cfg, "max_connections = 2\nmax_frame_bytes = 4096\n").unwrap();
+    let data = dir.path().join("data");
+    let b = Broker::start_with(&data, &["--config", cfg.to_str().unwrap()]);
+    let c1 = b.conn();
+    let c2 = b.conn();
+    c1.call(&Request::ApiVersions).unwrap();
+    c2.call(&Request::ApiVersions).unwrap();
+    // The third is accepted by the kernel and closed by the broker.
+    let mut s3 = TcpStream::connect(&b.addr).unwrap();
+    assert!(
+        closed(&mut s3),
+        "third connection over the limit stayed open"
+    );
+    drop(c2);
+    // Once the broker notices the closed connection its slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut raw = loop {
+        let mut t = TcpStream::connect(&b.addr).unwrap();
+        let mut v = Vec::new();
+        protocol::encode_request(1, &Request::ApiVersions, &mut v);
+        t.write_all(&v).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        if raw_response(&mut t).is_some() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The frame limit from the file applies: 5000 bytes > 4096.
+    raw.write_all(&5000u32.to_le_bytes()).unwrap();
+    assert_eq!(
+        raw_response(&mut raw),
+        Some((0, ErrorCode::FrameTooLarge as u16))
+    );
+    c1.call(&Request::ApiVersions).unwrap();
+    drop(c1);
     b.stop();
 }
