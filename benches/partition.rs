@@ -49,7 +49,7 @@ fn run_appends(
 ) -> Duration {
     let dir = dir.to_owned();
     let batch = batch.to_vec();
-    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
+    let ex = ringbus::storage::uring::executor_builder(glommio::Placement::Fixed(0))
         .spawn(move || async move {
             let io = UringIo::new(&dir).await.expect("uring io");
             let (p, _) = Partition::open(&dir, config(), io, TimestampMs::now()).expect("open");

@@ -41,8 +41,14 @@ pub const STAGING_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Recycled staging buffers kept per partition (1 MiB each, only as many as were
 /// in use at the peak). A fresh heap DMA buffer costs a page fault per 4 KiB on
-/// first touch; 32 covers a producer with 32 MiB in flight.
-pub const STAGING_BUFFERS_FREE_MAX: usize = 32;
+/// first touch; buffers from glommio's registered pool (`URING_IO_MEMORY_BYTES`)
+/// do not, so the free list stays short and returns the rest to that pool.
+pub const STAGING_BUFFERS_FREE_MAX: usize = 8;
+
+/// Registered I/O memory per shard (glommio `io_memory`): the pool staging
+/// buffers come from. 64 MiB holds the staging and in-flight writes of several busy
+/// partitions (each keeps at most 4 jobs x 2 MiB in flight plus a staging chunk).
+pub const URING_IO_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Group commit: flush once this many bytes are pending ...
 pub const FLUSH_BYTES_DEFAULT: u64 = 1024 * 1024;

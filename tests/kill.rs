@@ -25,7 +25,7 @@ const PRODUCERS: usize = 4;
 #[ignore = "helper process: kill9_keeps_every_fsynced_batch starts it and kills it"]
 fn child_appender() {
     let dir = std::env::var(CHILD_ENV).expect("run by kill9_keeps_every_fsynced_batch");
-    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+    let ex = ringbus::storage::uring::executor_builder(glommio::Placement::Unbound)
         .make()
         .unwrap();
     ex.run(async move {

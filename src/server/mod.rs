@@ -154,7 +154,7 @@ pub fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         } else {
             glommio::Placement::Unbound
         };
-        let ex = glommio::LocalExecutorBuilder::new(placement)
+        let ex = crate::storage::uring::executor_builder(placement)
             .name(&format!("shard-{id}"))
             .spawn(move || async move { shard::run(id, shared, mesh, catalog, ready).await })
             .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;

@@ -28,6 +28,15 @@ impl WriteBuf for DmaBuffer {
     }
 }
 
+/// A glommio executor builder with the I/O memory the log needs. DMA buffers from
+/// glommio's registered pool are written with fixed-buffer operations; past the
+/// pool, buffers come from the heap and every write pins its pages. Measured with
+/// 1 MiB writes at queue depth 4: 2.6-3.0 GB/s from the pool, 1.3 GB/s from the heap;
+/// the engine's appends went from 1.1-1.3 to 1.45-1.65 GB/s with 64 MiB.
+pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutorBuilder {
+    glommio::LocalExecutorBuilder::new(placement).io_memory(limits::URING_IO_MEMORY_BYTES)
+}
+
 /// io_uring writes and fdatasync through glommio. Must be created and used on a
 /// glommio executor thread.
 #[derive(Clone)]
