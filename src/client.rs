@@ -126,7 +126,11 @@ impl Connection {
         let mut last = String::from("no address");
         for a in addrs {
             match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
-                Ok(s) => return Self::from_stream(a, s).map_err(|e| err(e.to_string())),
+                Ok(s) => {
+                    let conn = Self::from_stream(a, s).map_err(|e| err(e.to_string()))?;
+                    conn.handshake().map_err(|e| err(e.to_string()))?;
+                    return Ok(conn);
+                }
                 Err(e) => last = e.to_string(),
             }
         }
@@ -155,6 +159,28 @@ impl Connection {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The API-versions handshake: the broker must speak version 0 of every API
+    /// this client uses.
+    fn handshake(&self) -> Result<(), ClientError> {
+        let versions = expect(
+            self.send(&Request::ApiVersions)?
+                .wait_timeout(Duration::from_secs(10))?,
+            |r| match r {
+                Response::ApiVersions(v) => Some(v),
+                _ => None,
+            },
+        )?;
+        for (key, _, _) in protocol::API_VERSIONS {
+            let k = *key as u16;
+            if !versions.iter().any(|(vk, lo, _)| *vk == k && *lo == 0) {
+                return Err(ClientError::Protocol(format!(
+                    "broker does not support {key:?} version 0"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the connection failed (the reason is in every later error).

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Storage-engine benchmark with its ceiling measured in the same run.
 # 1. Disk ceiling: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1).
-# 2. criterion: batch CRC/validation, partition append (memory, fsync), sequential read.
-# 3. Prints each append figure as a ratio of the ceiling.
+# 2. The io_uring ceiling: glommio alone writing 1 MiB O_DIRECT blocks at queue depth 4
+#    (examples/uring_ceiling.rs), what the engine's own I/O path could reach.
+# 3. criterion: batch CRC/validation, partition append (memory, fsync), sequential read.
+# 4. Prints each append figure as a ratio of both ceilings.
 # Usage: tools/bench-storage.sh [DIR]   (DIR: where to write; default: target/bench-scratch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,14 +19,21 @@ secs=$(echo "$dd_out" | sed -E 's/.* copied, ([0-9.]+) s.*/\1/')
 ceiling_mib=$(python3 -c "print(2048/$secs)")
 printf 'ceiling: %.0f MiB/s\n' "$ceiling_mib"
 
+echo "== io_uring ceiling: glommio alone, 1 MiB O_DIRECT writes at queue depth 4"
+cargo build --release --example uring_ceiling >/dev/null 2>&1
+uring_out=$(./target/release/examples/uring_ceiling 4 "$scratch")
+echo "$uring_out"
+uring_mib=$(echo "$uring_out" | sed -E 's/.*: ([0-9]+) MB\/s/\1/' | python3 -c "import sys; print(int(sys.stdin.read())*1e6/1048576)")
+
 echo "== criterion"
 cargo bench --bench batch 2>&1 | grep -E '^batch/|thrpt:' | tee target/bench-batch.txt
 cargo bench --bench partition 2>&1 | grep -E '^partition|thrpt:' | tee target/bench-partition.txt
 
 echo "== ratios to the disk ceiling (median throughput)"
-python3 - "$ceiling_mib" target/bench-partition.txt <<'PY'
+python3 - "$ceiling_mib" target/bench-partition.txt "$uring_mib" <<'PY'
 import re, sys
 ceiling = float(sys.argv[1])
+uring = float(sys.argv[3])
 name = None
 for line in open(sys.argv[2]):
     if line.startswith("partition"):
@@ -32,6 +41,6 @@ for line in open(sys.argv[2]):
     m = re.search(r"thrpt:\s+\[\S+ \S+ ([0-9.]+) (GiB|MiB)/s", line)
     if m and name:
         v = float(m.group(1)) * (1024 if m.group(2) == "GiB" else 1)
-        print(f"{name:55s} {v:8.0f} MiB/s  = {v / ceiling:4.2f} x ceiling ({ceiling:.0f} MiB/s)")
+        print(f"{name:50s} {v:6.0f} MiB/s = {v / ceiling:4.2f} x dd ({ceiling:.0f} MiB/s), {v / uring:4.2f} x io_uring QD4 ({uring:.0f} MiB/s)")
         name = None
 PY
