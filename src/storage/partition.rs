@@ -589,6 +589,11 @@ impl<B: LogIo> Partition<B> {
         self.jobs.len()
     }
 
+    /// Bytes written but not yet covered by an fdatasync.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.written_len - s.synced_len).sum()
+    }
+
     /// When the group-commit driver should flush.
     pub fn flush_due(&self, now: Instant) -> FlushDue {
         let pending = self.pending_bytes();
