@@ -69,10 +69,6 @@ pub const FLUSH_WRITES_IN_FLIGHT_MAX: usize = FLUSH_JOB_CHUNKS_MAX;
 /// (measured: 4 jobs x 8 chunks gave no more throughput than 4 x 2.)
 pub const FLUSH_JOBS_IN_FLIGHT_MAX: usize = 4;
 
-/// With writes still in flight, a waiting fsync is held back until this many
-/// written bytes are unsynced (or the writes land), so one fdatasync covers more.
-pub const SYNC_COALESCE_BYTES: u64 = 4 * 1024 * 1024;
-
 /// Without a producer waiting for durability, written bytes are fdatasynced at most
 /// this long after they were written. Syncs cost a journal commit that stalls
 /// concurrent O_DIRECT completions; `Memory` producers do not wait for them, and
