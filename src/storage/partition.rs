@@ -293,6 +293,8 @@ pub struct Partition<B: LogIo> {
     /// Write jobs in flight, oldest first.
     jobs: VecDeque<InFlightJob>,
     next_job_id: u64,
+    /// Write jobs that carried a partial block (each one holds back the next job).
+    carry_jobs: u64,
     /// The in-flight job that writes a partial block the next job would rewrite;
     /// no job starts until it completes.
     carry_job: Option<u64>,
@@ -435,6 +437,7 @@ impl<B: LogIo> Partition<B> {
             pending_since: None,
             jobs: VecDeque::new(),
             next_job_id: 0,
+            carry_jobs: 0,
             carry_job: None,
             sync_in_flight: false,
             fenced: None,
@@ -584,6 +587,11 @@ impl<B: LogIo> Partition<B> {
         self.segments.iter().map(Segment::unflushed_bytes).sum()
     }
 
+    /// `(write jobs started, of which carried a partial block)` since open.
+    pub fn flush_stats(&self) -> (u64, u64) {
+        (self.next_job_id, self.carry_jobs)
+    }
+
     /// Write jobs in flight.
     pub fn writes_in_flight(&self) -> usize {
         self.jobs.len()
@@ -591,7 +599,10 @@ impl<B: LogIo> Partition<B> {
 
     /// Bytes written but not yet covered by an fdatasync.
     pub fn unsynced_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.written_len - s.synced_len).sum()
+        self.segments
+            .iter()
+            .map(|s| s.written_len - s.synced_len)
+            .sum()
     }
 
     /// When the group-commit driver should flush.
@@ -602,6 +613,15 @@ impl<B: LogIo> Partition<B> {
         }
         if pending >= self.config.flush_bytes {
             return FlushDue::Now;
+        }
+        if !self.jobs.is_empty() || self.sync_in_flight {
+            // Only a partial chunk is pending and I/O is in flight: writing it now
+            // would carry its last block and hold back every later job until it
+            // lands. Wait for that I/O (its acknowledgements bring more data that
+            // may fill the chunk); the driver looks again when it completes.
+            // Measured: 40% of jobs were carries with 8 MiB in flight, and the
+            // appends ran at 0.7x of what 16 MiB in flight (1% carries) reached.
+            return FlushDue::Idle;
         }
         let since = self.pending_since.unwrap_or(now);
         let at = since + Duration::from_micros(self.config.flush_delay_us);
@@ -661,6 +681,7 @@ impl<B: LogIo> Partition<B> {
         });
         if carries {
             self.carry_job = Some(id);
+            self.carry_jobs += 1;
         }
         if self.pending_bytes() == 0 {
             self.pending_since = None;

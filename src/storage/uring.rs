@@ -147,9 +147,9 @@ async fn write_loop<B: LogIo>(
     part: &RefCell<Partition<B>>,
     stop: &Watermark,
 ) -> Result<(), StorageError> {
-    let (appended, kicks) = {
+    let (appended, kicks, durable) = {
         let p = part.borrow();
-        (p.appended_watch(), p.flush_kick_watch())
+        (p.appended_watch(), p.flush_kick_watch(), p.durable_watch())
     };
     let mut running = FuturesUnordered::new();
     loop {
@@ -173,12 +173,24 @@ async fn write_loop<B: LogIo>(
             return Ok(());
         }
         let next = appended.get() + 1;
+        let durable_next = durable.get() + 1;
         let kick = kicks.get() + 1;
         let idle = running.is_empty();
         let wake = async {
             match due {
+                // Also wake when a sync completes: partial data held back while it
+                // ran (see `flush_due`) is due then.
                 FlushDue::Idle => {
-                    appended.wait_for(next).await.ok();
+                    let synced = async {
+                        durable.wait_for(durable_next).await.ok();
+                    };
+                    futures_lite::future::or(
+                        async {
+                            appended.wait_for(next).await.ok();
+                        },
+                        synced,
+                    )
+                    .await;
                 }
                 FlushDue::At(at) => {
                     let kicked = async {
