@@ -507,6 +507,11 @@ fn partial_chunks_wait_while_io_is_in_flight() {
     let r = futures_lite::future::block_on(job.write(&io));
     p.complete_write(&job, r).unwrap();
     let sync = p.begin_sync().unwrap();
+    // A background sync (nobody waiting) does not hold the chunk back ...
+    assert_eq!(p.flush_due(later), FlushDue::Now);
+    // ... one that fsync producers wait for does: their acks bring more data.
+    let mut waiter = Box::pin(p.wait_for(Offset(1499), Durability::Fsync));
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut waiter)).is_none());
     assert_eq!(
         p.flush_due(later),
         FlushDue::Idle,

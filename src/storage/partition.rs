@@ -614,7 +614,10 @@ impl<B: LogIo> Partition<B> {
         if pending >= self.config.flush_bytes {
             return FlushDue::Now;
         }
-        if !self.jobs.is_empty() || self.sync_in_flight {
+        // A sync holds the partial chunk back only when producers wait for it; a
+        // background sync acknowledges nobody.
+        let acking_sync = self.sync_in_flight && self.durable.waiter_count() > 0;
+        if !self.jobs.is_empty() || acking_sync {
             // Only a partial chunk is pending and I/O is in flight: writing it now
             // would carry its last block and hold back every later job until it
             // lands. Wait for that I/O (its acknowledgements bring more data that
