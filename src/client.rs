@@ -16,7 +16,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -565,7 +565,6 @@ pub struct Producer {
     partitions: Mutex<HashMap<String, u32>>,
     addr: String,
     sender: Option<thread::JoinHandle<()>>,
-    failed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -586,7 +585,6 @@ impl Producer {
         ));
         let st = state.clone();
         let a = addr.to_owned();
-        let failed = Arc::new(AtomicBool::new(false));
         let sender = thread::Builder::new()
             .name("ringbus-producer".into())
             .spawn(move || send_loop(&a, conn, &st, &config))
@@ -596,7 +594,6 @@ impl Producer {
             partitions: Mutex::new(HashMap::new()),
             addr: addr.to_owned(),
             sender: Some(sender),
-            failed,
         })
     }
 
@@ -657,7 +654,6 @@ impl Producer {
         });
         open.receipts.push(tx);
         cv.notify_all();
-        let _ = &self.failed;
         Ok(RecordReceipt { rx })
     }
 
