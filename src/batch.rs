@@ -246,6 +246,12 @@ impl<'a> BatchRef<'a> {
                 len: self.bytes.len(),
             });
         }
+        if found != h.record_count.get() {
+            return Err(BatchError::BadRecordCount {
+                count: found,
+                max: h.record_count.get(),
+            });
+        }
         let declared = h.last_offset_delta.get();
         let last = last_delta.unwrap_or(0);
         if last != declared {
@@ -763,6 +769,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn header_without_records_is_rejected_even_with_a_valid_crc() {
+        let mut b = build(&[b"x"]);
+        b.truncate(HEADER_LEN);
+        b[BATCH_LEN_POS..BATCH_LEN_POS + 4].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        let crc = compute_crc(&b);
+        b[CRC_POS..CRC_POS + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(BatchRef::parse(&b).is_ok(), "header and CRC alone are fine");
+        assert!(
+            BatchRef::parse_full(&b).is_err(),
+            "but the declared record is missing"
+        );
     }
 
     #[test]

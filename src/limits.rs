@@ -94,6 +94,11 @@ pub const SHARD_CHANNEL_CAPACITY: usize = 1024;
 /// Partitions one topic may have.
 pub const TOPIC_PARTITIONS_MAX: u32 = 10_000;
 
+/// Most bytes one fetch returns (a fetch still returns one whole batch when that
+/// batch alone is larger). Bounds the memory a response pins and keeps every frame
+/// far below 4 GiB.
+pub const FETCH_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
 /// Longest a fetch may wait for data at the tail.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 

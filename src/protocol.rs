@@ -352,6 +352,34 @@ fn topic_name(name: &str) -> FieldResult<String> {
     }
 }
 
+/// Checks a topic's settings, from a request or from the catalog on disk.
+pub fn validate_topic_config(c: &TopicConfig) -> Result<(), String> {
+    if c.partitions == 0 || c.partitions > crate::limits::TOPIC_PARTITIONS_MAX {
+        return Err(format!(
+            "partitions must be in [1, {}]",
+            crate::limits::TOPIC_PARTITIONS_MAX
+        ));
+    }
+    if let Some(b) = c.segment_bytes {
+        if !(crate::limits::SEGMENT_BYTES_MIN..=crate::limits::SEGMENT_BYTES_MAX).contains(&b) {
+            return Err(format!(
+                "segment_bytes {b} outside [{}, {}]",
+                crate::limits::SEGMENT_BYTES_MIN,
+                crate::limits::SEGMENT_BYTES_MAX
+            ));
+        }
+    }
+    for (what, v) in [
+        ("retention_bytes", c.retention_bytes),
+        ("retention_ms", c.retention_ms),
+    ] {
+        if v.is_some_and(|v| v > i64::MAX as u64) {
+            return Err(format!("{what} must be below 2^63"));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a topic name (also used by the broker for names from disk).
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     topic_name(name).map(drop)

@@ -41,11 +41,8 @@ impl Catalog {
             .map_err(|e| anyhow::anyhow!("parse {}: {e}", p.display()))?;
         for (name, cfg) in &c.topics {
             validate_topic_name(name).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            anyhow::ensure!(
-                cfg.partitions > 0,
-                "{}: topic {name} has no partitions",
-                p.display()
-            );
+            crate::protocol::validate_topic_config(cfg)
+                .map_err(|e| anyhow::anyhow!("{}: topic {name}: {e}", p.display()))?;
         }
         Ok(c)
     }

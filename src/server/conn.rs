@@ -47,6 +47,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     let permits = Rc::new(Semaphore::new(cfg.max_in_flight_per_connection as u64));
     let tx = Rc::new(tx);
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut scratch = vec![0u8; READ_CHUNK_BYTES];
     'conn: loop {
         // Every whole frame in the buffer.
         loop {
@@ -110,22 +111,16 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             .detach();
         }
         // Read more: the rest of a known frame at once, or a chunk.
-        let want = match buf.get(..LENGTH_PREFIX_LEN) {
-            Some(p) => (LENGTH_PREFIX_LEN + u32::from_le_bytes(p.try_into().expect("4")) as usize)
-                .saturating_sub(buf.len())
-                .max(READ_CHUNK_BYTES),
-            None => READ_CHUNK_BYTES,
-        };
-        let start = buf.len();
-        buf.resize(start + want, 0);
+        // Read into a fixed scratch buffer: the frame buffer grows only by bytes
+        // that arrived, so a large length prefix reserves nothing up front.
         let read =
-            futures_lite::future::or(async { Some(rd.read(&mut buf[start..]).await) }, async {
+            futures_lite::future::or(async { Some(rd.read(&mut scratch[..]).await) }, async {
                 wait_shutdown(&shard.shared).await;
                 None
             })
             .await;
         match read {
-            Some(Ok(n)) if n > 0 => buf.truncate(start + n),
+            Some(Ok(n)) if n > 0 => buf.extend_from_slice(&scratch[..n]),
             _ => break,
         }
     }

@@ -388,7 +388,7 @@ impl Shard {
                 let n = self.partition_count(&topic)?;
                 let op = PartitionOp::Fetch {
                     offset,
-                    max_bytes,
+                    max_bytes: max_bytes.min(limits::FETCH_BYTES_MAX),
                     max_wait_ms: max_wait_ms.min(limits::FETCH_WAIT_MS_MAX),
                 };
                 self.route(topic, partition, n, op).await
@@ -618,23 +618,8 @@ impl Shard {
                         format!("topic {name:?} already exists"),
                     ));
                 }
-                if config.partitions == 0 || config.partitions > limits::TOPIC_PARTITIONS_MAX {
-                    return Err((
-                        ErrorCode::InvalidConfig,
-                        format!(
-                            "partitions must be in [1, {}]",
-                            limits::TOPIC_PARTITIONS_MAX
-                        ),
-                    ));
-                }
-                if let Some(b) = config.segment_bytes {
-                    if !(limits::SEGMENT_BYTES_MIN..=limits::SEGMENT_BYTES_MAX).contains(&b) {
-                        return Err((
-                            ErrorCode::InvalidConfig,
-                            format!("segment_bytes {b} out of range"),
-                        ));
-                    }
-                }
+                crate::protocol::validate_topic_config(&config)
+                    .map_err(|e| (ErrorCode::InvalidConfig, e))?;
                 CatalogChange::Create { name, config }
             }
             Request::DeleteTopic { name } => {

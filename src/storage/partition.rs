@@ -538,7 +538,8 @@ impl<B: LogIo> Partition<B> {
         let span = u64::from(b.header().last_offset_delta.get()) + 1;
         let active = self.segments.back().expect("at least one segment");
         let too_old = self.config.segment_ms.is_some_and(|ms| {
-            !active.is_empty() && wall.0.saturating_sub(active.created.0) >= ms as i64
+            !active.is_empty()
+                && wall.0.saturating_sub(active.created.0) >= i64::try_from(ms).unwrap_or(i64::MAX)
         });
         let offsets_full = self.next_offset.0 - active.base.0 + span > u64::from(u32::MAX);
         if active.room() < len || too_old || offsets_full {
@@ -958,9 +959,9 @@ impl<B: LogIo> Partition<B> {
                 .retention_bytes
                 .is_some_and(|r| total - oldest.len >= r);
             let by_age = self.config.retention_ms.is_some_and(|ms| {
-                oldest
-                    .max_timestamp
-                    .is_none_or(|m| now.0.saturating_sub(m.0) > ms as i64)
+                oldest.max_timestamp.is_none_or(|m| {
+                    now.0.saturating_sub(m.0) > i64::try_from(ms).unwrap_or(i64::MAX)
+                })
             });
             if !(by_bytes || by_age) {
                 break;
