@@ -533,6 +533,15 @@ fn errors_are_typed() {
         c.delete_topic("nope").unwrap_err().code(),
         Some(ErrorCode::UnknownTopic)
     );
+    let huge = TopicConfig {
+        partitions: 1,
+        retention_ms: Some(1 << 63),
+        ..TopicConfig::default()
+    };
+    assert_eq!(
+        c.create_topic("r", huge).unwrap_err().code(),
+        Some(ErrorCode::InvalidConfig)
+    );
     let fetch = |t: &str, p: u32, o: u64| {
         c.call(&Request::Fetch {
             topic: t.into(),
