@@ -84,6 +84,7 @@ fn kill9_keeps_every_fsynced_batch() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines() {
@@ -96,9 +97,17 @@ fn kill9_keeps_every_fsynced_batch() {
                 let count: usize = it.next().unwrap().parse().unwrap();
                 let tag = it.next().unwrap().to_owned();
                 acked.push((Offset(base), count, tag));
+                if acked.len() == 1 {
+                    let _ = first_tx.send(());
+                }
             }
             acked
         });
+        // The kill lands `delay_ms` after the first acknowledgement, so a slow
+        // start (registering the executor's I/O memory) does not eat the window.
+        first_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child acknowledged nothing");
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
