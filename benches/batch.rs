@@ -1,24 +1,12 @@
 //! Batch format costs: CRC-32 over 1 MiB, full validation of a 1,000 × 1 KB batch
 //! (header, CRC, every record), and building one on the client side.
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ringbus::batch::{BatchBuilder, BatchRef, RecordInput};
-use ringbus::TimestampMs;
-use std::hint::black_box;
+mod common;
 
-fn build(records: usize, value_len: usize) -> Vec<u8> {
-    let value = vec![b'x'; value_len];
-    let mut b = BatchBuilder::with_capacity(records * (value_len + 16));
-    for i in 0..records {
-        b.push(RecordInput {
-            timestamp: TimestampMs(1_700_000_000_000 + i as i64),
-            key: None,
-            value: Some(&value),
-            headers: &[],
-        });
-    }
-    b.finish()
-}
+use common::build;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ringbus::batch::BatchRef;
+use std::hint::black_box;
 
 fn benches(c: &mut Criterion) {
     let batch = build(1000, 1024);

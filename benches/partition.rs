@@ -6,8 +6,11 @@
 //! does. One executor and partition live for the whole benchmark (steady state), and
 //! retention keeps the data directory near 1 GiB however long criterion runs.
 
+mod common;
+
+use common::build;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ringbus::batch::{BatchBuilder, BatchRef, RecordInput};
+use ringbus::batch::BatchRef;
 use ringbus::storage::uring::{group_commit, UringIo};
 use ringbus::storage::watermark::Watermark;
 use ringbus::storage::{Durability, Partition, PartitionConfig, StdIo};
@@ -18,20 +21,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 const IN_FLIGHT: usize = 8;
-
-fn build(records: usize, value_len: usize) -> Vec<u8> {
-    let value = vec![b'x'; value_len];
-    let mut b = BatchBuilder::with_capacity(records * (value_len + 16));
-    for i in 0..records {
-        b.push(RecordInput {
-            timestamp: TimestampMs(1_700_000_000_000 + i as i64),
-            key: None,
-            value: Some(&value),
-            headers: &[],
-        });
-    }
-    b.finish()
-}
 
 fn config() -> PartitionConfig {
     PartitionConfig {

@@ -32,6 +32,16 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A flushed partition of 200 two-record batches over several 64 KiB segments.
+fn several_segments(dir: &Path, tag: &str) -> ringbus::storage::Partition<ringbus::storage::StdIo> {
+    let (mut p, _) = open(dir, small_config());
+    for i in 0..200 {
+        append(&mut p, &batch(&format!("{tag}{i}"), 2, 400, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    p
+}
+
 /// Reopens `dir` and checks that exactly `expect` is there, then that appends
 /// resume at the right offset and survive another reopen.
 fn check_recovered(
@@ -214,11 +224,7 @@ fn missing_or_damaged_index_is_rebuilt() {
 #[test]
 fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, _) = open(dir.path(), small_config());
-    for i in 0..200 {
-        append(&mut p, &batch(&format!("s{i}"), 2, 400, 1_000));
-    }
-    p.flush_blocking().unwrap();
+    let p = several_segments(dir.path(), "s");
     assert!(p.segment_count() >= 3);
     let all = batches(&p);
     drop(p);
@@ -283,11 +289,7 @@ fn corruption_inside_a_sealed_segment_is_reported_not_dropped() {
 #[test]
 fn hole_in_an_untrimmed_sealed_segment_cuts_the_log_there() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, _) = open(dir.path(), small_config());
-    for i in 0..200 {
-        append(&mut p, &batch(&format!("h{i}"), 2, 400, 1_000));
-    }
-    p.flush_blocking().unwrap();
+    let p = several_segments(dir.path(), "h");
     let all = batches(&p);
     let bases = p.segment_bases();
     assert!(bases.len() >= 3);
@@ -340,11 +342,7 @@ fn hole_in_an_untrimmed_sealed_segment_cuts_the_log_there() {
 #[test]
 fn damaged_base_offset_is_a_typed_read_error() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, _) = open(dir.path(), small_config());
-    for i in 0..200 {
-        append(&mut p, &batch(&format!("o{i}"), 2, 400, 1_000));
-    }
-    p.flush_blocking().unwrap();
+    let p = several_segments(dir.path(), "o");
     drop(p);
     let path = log_path(dir.path(), Offset(0));
     let mut b = std::fs::read(&path).unwrap();
