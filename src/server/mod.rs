@@ -84,55 +84,163 @@ pub struct Shared {
     pub shutdown: AtomicBool,
 }
 
-/// Runs the broker until SIGINT or SIGTERM, then shuts down gracefully.
-pub fn run(mut config: ServerConfig) -> anyhow::Result<()> {
-    let shards = config.shard_count();
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
-    let _lock = crate::storage::io::lock_dir(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "data directory {} is in use by another broker ({e})",
-            config.data_dir.display()
-        )
-    })?;
-    let catalog = catalog::Catalog::load(&config.data_dir)?;
-    // A crash during a topic delete can leave its directory behind.
-    if let Ok(entries) = std::fs::read_dir(config.data_dir.join("topics")) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !catalog.topics.contains_key(&name) {
-                tracing::warn!(topic = name, "removing the data of a deleted topic");
-                std::fs::remove_dir_all(e.path())
-                    .map_err(|err| anyhow::anyhow!("remove {}: {err}", e.path().display()))?;
+/// A running broker: its shards serve until [`Broker::shutdown`] (or a drop).
+/// `ringbus serve` wraps one in signal handling; `ringbus-loadgen --embedded` and
+/// tests start one in-process.
+pub struct Broker {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    executors: Vec<glommio::ExecutorJoinHandle<anyhow::Result<()>>>,
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Broker({})", self.addr)
+    }
+}
+
+impl Broker {
+    /// Opens the data directory, recovers every partition and starts the shards;
+    /// returns once all of them are listening.
+    pub fn start(mut config: ServerConfig) -> anyhow::Result<Broker> {
+        let shards = config.shard_count();
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
+        let lock = crate::storage::io::lock_dir(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "data directory {} is in use by another broker ({e})",
+                config.data_dir.display()
+            )
+        })?;
+        let catalog = catalog::Catalog::load(&config.data_dir)?;
+        // A crash during a topic delete can leave its directory behind.
+        if let Ok(entries) = std::fs::read_dir(config.data_dir.join("topics")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !catalog.topics.contains_key(&name) {
+                    tracing::warn!(topic = name, "removing the data of a deleted topic");
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(|err| anyhow::anyhow!("remove {}: {err}", e.path().display()))?;
+                }
             }
         }
+        // Bind once here to learn the port (for `:0`); shards then bind the same port
+        // with SO_REUSEPORT and the kernel spreads connections across them.
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(config.listen),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        probe.set_reuse_port(true)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&config.listen.into())?;
+        config.listen = probe
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| anyhow::anyhow!("listen address is not an IP socket"))?;
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            shards,
+            connections: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+        });
+        let mesh = glommio::channels::channel_mesh::MeshBuilder::full(
+            shards,
+            limits::SHARD_CHANNEL_CAPACITY,
+        );
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut executors = Vec::new();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for id in 0..shards {
+            let shared = shared.clone();
+            let mesh = mesh.clone();
+            let catalog = catalog.clone();
+            let ready = ready_tx.clone();
+            let placement = if shards <= cpus {
+                glommio::Placement::Fixed(id)
+            } else {
+                glommio::Placement::Unbound
+            };
+            let ex = crate::storage::uring::executor_builder(placement)
+                .name(&format!("shard-{id}"))
+                .spawn(move || async move { shard::run(id, shared, mesh, catalog, ready).await })
+                .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;
+            executors.push(ex);
+        }
+        drop(ready_tx);
+        let mut broker = Broker {
+            shared,
+            addr: config.listen,
+            executors,
+            _lock: lock,
+        };
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = broker.stop();
+                    return Err(anyhow::anyhow!("shard failed to start: {e}"));
+                }
+                Err(_) => {
+                    let _ = broker.stop();
+                    return Err(anyhow::anyhow!("a shard exited during start-up"));
+                }
+            }
+        }
+        drop(probe);
+        tracing::info!(addr = %config.listen, shards, data_dir = %config.data_dir.display(), "ringbus listening");
+        Ok(broker)
     }
-    // Bind once here to learn the port (for `:0`); shards then bind the same port
-    // with SO_REUSEPORT and the kernel spreads connections across them.
-    let probe = socket2::Socket::new(
-        socket2::Domain::for_address(config.listen),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    probe.set_reuse_port(true)?;
-    probe.set_reuse_address(true)?;
-    probe.bind(&config.listen.into())?;
-    config.listen = probe
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| anyhow::anyhow!("listen address is not an IP socket"))?;
-    let shared = Arc::new(Shared {
-        config: config.clone(),
-        shards,
-        connections: AtomicUsize::new(0),
-        shutdown: AtomicBool::new(false),
-    });
+
+    /// The address the shards listen on (the real port when started on `:0`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Asks every shard to drain and stop, and waits for them.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.join()
+    }
+
+    /// Waits for every shard to exit; the first to exit stops the others.
+    fn join(&mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for (id, ex) in self.executors.drain(..).enumerate() {
+            match ex.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(anyhow::anyhow!("shard {id}: {e}")),
+                Err(e) => result = Err(anyhow::anyhow!("shard {id} panicked: {e:?}")),
+            }
+            self.shared.shutdown.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM, then shuts down gracefully.
+pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])?;
+    let mut broker = Broker::start(config)?;
+    println!("ringbus listening on {}", broker.addr());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
     let handle = signals.handle();
-    let sh = shared.clone();
+    let sh = broker.shared.clone();
     let signal_thread = std::thread::spawn(move || {
         let mut signals = signals;
         if let Some(sig) = signals.forever().next() {
@@ -140,54 +248,7 @@ pub fn run(mut config: ServerConfig) -> anyhow::Result<()> {
             sh.shutdown.store(true, Ordering::SeqCst);
         }
     });
-    let mesh =
-        glommio::channels::channel_mesh::MeshBuilder::full(shards, limits::SHARD_CHANNEL_CAPACITY);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let mut executors = Vec::new();
-    for id in 0..shards {
-        let shared = shared.clone();
-        let mesh = mesh.clone();
-        let catalog = catalog.clone();
-        let ready = ready_tx.clone();
-        let placement = if shards <= std::thread::available_parallelism().map_or(1, |n| n.get()) {
-            glommio::Placement::Fixed(id)
-        } else {
-            glommio::Placement::Unbound
-        };
-        let ex = crate::storage::uring::executor_builder(placement)
-            .name(&format!("shard-{id}"))
-            .spawn(move || async move { shard::run(id, shared, mesh, catalog, ready).await })
-            .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;
-        executors.push(ex);
-    }
-    drop(ready_tx);
-    for _ in 0..shards {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                shared.shutdown.store(true, Ordering::SeqCst);
-                return Err(anyhow::anyhow!("shard failed to start: {e}"));
-            }
-            Err(_) => {
-                shared.shutdown.store(true, Ordering::SeqCst);
-                return Err(anyhow::anyhow!("a shard exited during start-up"));
-            }
-        }
-    }
-    drop(probe);
-    tracing::info!(addr = %config.listen, shards, data_dir = %config.data_dir.display(), "ringbus listening");
-    println!("ringbus listening on {}", config.listen);
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let mut result = Ok(());
-    for (id, ex) in executors.into_iter().enumerate() {
-        match ex.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(anyhow::anyhow!("shard {id}: {e}")),
-            Err(e) => result = Err(anyhow::anyhow!("shard {id} panicked: {e:?}")),
-        }
-        shared.shutdown.store(true, Ordering::SeqCst);
-    }
+    let result = broker.join();
     handle.close();
     let _ = signal_thread.join();
     tracing::info!("ringbus stopped");

@@ -223,3 +223,15 @@ pub fn lock_dir(dir: &Path) -> io::Result<File> {
     }
     Ok(f)
 }
+
+/// Starts reading `[offset, offset + len)` of `file` into the page cache in the
+/// background (`POSIX_FADV_WILLNEED`), so later faults on its map find the pages.
+/// Advisory: errors are ignored.
+pub fn prefetch(file: &File, offset: u64, len: u64) {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; an invalid range or
+    // descriptor yields an error code, never undefined behaviour.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}

@@ -1045,6 +1045,10 @@ impl<B: LogIo> Segment<B> {
             pos += len as u64;
         }
         let start = pos;
+        // Reads past the page cache fault one small piece at a time; ask for this
+        // read and the next one in large requests instead.
+        let ahead = (2 * max_bytes as u64).min(limit - start);
+        sio::prefetch(&self.file, start, ahead);
         let mut next = None;
         while pos < limit {
             let at = &map[pos as usize..];

@@ -1,0 +1,141 @@
+//! Runs the real `ringbus-loadgen` binary against an embedded broker and checks its
+//! JSON report: counts, verification, rates and latency fields.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn loadgen(args: &[&str]) -> (std::process::Output, Option<Value>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbus-loadgen"))
+        .args(["--embedded", "--broker-cores", "2", "--quiet", "--json"])
+        .arg(&json)
+        .args(args)
+        .output()
+        .expect("run ringbus-loadgen");
+    let v = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("valid JSON"));
+    (out, v)
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "loadgen failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn max_rate_run_verifies_every_message_across_partitions() {
+    let (out, v) = loadgen(&[
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--partitions",
+        "4",
+        "--message-size",
+        "100",
+        "--batch-size",
+        "100",
+        "--messages",
+        "20000",
+        "--durability",
+        "memory",
+    ]);
+    ok(&out);
+    let v = v.expect("json written");
+    assert_eq!(v["produced_msgs"], 20000);
+    assert_eq!(v["consumed_msgs"], 20000);
+    assert_eq!(v["verified"], true);
+    assert!(v["failure"].is_null());
+    assert!(v["produce_msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["consume_mb_per_s"].as_f64().unwrap() > 0.0);
+    for field in ["produce_ack_us", "end_to_end_us"] {
+        let h = &v[field];
+        let (p50, p99, p9999, max) = (
+            h["p50"].as_f64().unwrap(),
+            h["p99"].as_f64().unwrap(),
+            h["p99_99"].as_f64().unwrap(),
+            h["max"].as_f64().unwrap(),
+        );
+        assert!(
+            0.0 < p50 && p50 <= p99 && p99 <= p9999 && p9999 <= max,
+            "{field}: {h}"
+        );
+        assert_eq!(h["count"], 20000, "{field}");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("produce:") && text.contains("end-to-end latency"),
+        "{text}"
+    );
+}
+
+#[test]
+fn fixed_rate_run_holds_the_rate_and_measures_from_intended_times() {
+    let (out, v) = loadgen(&[
+        "--rate",
+        "20000",
+        "--duration",
+        "2s",
+        "--batch-size",
+        "50",
+        "--linger-us",
+        "2000",
+        "--message-size",
+        "256",
+        "--durability",
+        "memory",
+    ]);
+    ok(&out);
+    let v = v.expect("json written");
+    let produced = v["produced_msgs"].as_f64().unwrap();
+    assert!(
+        (32_000.0..=44_000.0).contains(&produced),
+        "{produced} messages in 2 s at 20k/s"
+    );
+    let rate = v["produce_msgs_per_s"].as_f64().unwrap();
+    assert!((15_000.0..=25_000.0).contains(&rate), "rate {rate}");
+    assert_eq!(v["consumed_msgs"], v["produced_msgs"]);
+    // Every message waits for its batch to fill (50 messages at 20k/s = 2.5 ms, cut
+    // at the 2 ms linger), so latency from the intended time is at least most of that
+    // for the first messages of each batch.
+    assert!(
+        v["produce_ack_us"]["p90"].as_f64().unwrap() >= 1000.0,
+        "{}",
+        v["produce_ack_us"]
+    );
+}
+
+#[test]
+fn catch_up_consumer_reads_the_backlog_after_the_producers() {
+    let (out, v) = loadgen(&["--messages", "5000", "--catch-up", "--message-size", "512"]);
+    ok(&out);
+    let v = v.expect("json written");
+    assert_eq!(v["consumed_msgs"], 5000);
+    assert!(
+        v["end_to_end_us"].is_null(),
+        "no end-to-end latency when catching up"
+    );
+    assert!(v["consume_mb_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_options_fail_with_a_message() {
+    let (out, v) = loadgen(&["--message-size", "10", "--messages", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 24"));
+    assert!(v.is_none());
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbus-loadgen"))
+        .args(["--messages", "1"])
+        .output()
+        .expect("run");
+    assert!(
+        !out.status.success(),
+        "neither --addr nor --embedded must fail"
+    );
+}
