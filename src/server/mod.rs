@@ -164,7 +164,19 @@ impl Broker {
             };
             let ex = crate::storage::uring::executor_builder(placement)
                 .name(&format!("shard-{id}"))
-                .spawn(move || async move { shard::run(id, shared, mesh, catalog, ready).await })
+                .spawn(move || async move {
+                    // A queue whose latency matters: wakes from other threads (replies
+                    // crossing shards) then kick a sleeping reactor at once instead of
+                    // waiting for its next poll (measured: 4 ms per cross-shard reply).
+                    let tq = glommio::executor().create_task_queue(
+                        glommio::Shares::default(),
+                        glommio::Latency::Matters(std::time::Duration::from_millis(1)),
+                        "shard",
+                    );
+                    glommio::spawn_local_into(shard::run(id, shared, mesh, catalog, ready), tq)
+                        .map_err(|e| anyhow::anyhow!("spawn shard {id}: {e}"))?
+                        .await
+                })
                 .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;
             executors.push(ex);
         }

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# The whole comparison in one run (issue 4): the machine's ceilings, the standard
+# scenarios through ringbus-loadgen, and the same workloads against Redis Streams,
+# then one table with ringbus as a ratio of each ceiling and of the peer.
+#
+#   tools/bench.sh [SCRATCH_DIR]      (default: target/bench; needs root for apt-get)
+#
+# Environment: DURATION (default 10s) and WARMUP (2s) per timed scenario;
+# BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario.
+#
+# Ceilings, measured first:
+#   - disk: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1);
+#   - fsync latency: fio, 1 MiB O_DIRECT writes each followed by fdatasync (p50/p99);
+#   - loopback TCP: iperf3, one stream, 5 s.
+# Scenarios (1 KB messages unless noted; embedded broker, one shard per core):
+#   a  1 producer, 1 partition, batches of 1,000, fsync
+#   b  the same with memory durability
+#   c  4 producers x 4 partitions across the shards, fsync
+#   d  1 consumer catching up on a backlog of BACKLOG_MSGS written just before
+#   e  fixed rate at 50% of a's throughput, fsync, 1 live consumer: latency percentiles
+#   f  100 B messages in batches of 100, fsync
+# Peer: redis-server from Debian, Redis Streams (XADD / XRANGE) driven by
+# redis-benchmark with pipelines the size of ringbus's batches; appendfsync always
+# stands for fsync durability, appendonly with appendfsync no for memory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/bench}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+BACKLOG_MSGS=${BACKLOG_MSGS:-2000000}
+
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+if ((${#need[@]})); then
+  echo "== installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== building"
+cargo build --release -q -p ringbus-loadgen
+loadgen=target/release/ringbus-loadgen
+
+echo "== disk ceiling: dd oflag=direct bs=1M count=2048"
+dd_out=$(dd if=/dev/zero of="$out/dd.test" bs=1M count=2048 oflag=direct 2>&1 | tail -1)
+rm -f "$out/dd.test"
+echo "$dd_out"
+dd_secs=$(echo "$dd_out" | sed -E 's/.* copied, ([0-9.]+) s.*/\1/')
+disk_mb=$(python3 -c "print(2048*1048576/$dd_secs/1e6)")
+
+echo "== fsync latency: fio, 1 MiB O_DIRECT writes, fdatasync after each"
+fio --name=fsync --directory="$out" --rw=write --bs=1M --size=512M --direct=1 \
+  --ioengine=psync --fdatasync=1 --output-format=json >"$out/fio-fsync.json" 2>/dev/null
+rm -f "$out"/fsync.*
+read -r fsync_p50 fsync_p99 < <(python3 - "$out/fio-fsync.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))["jobs"][0]["sync"]["lat_ns"]["percentile"]
+print(p["50.000000"] / 1000, p["99.000000"] / 1000)
+PY
+)
+echo "fdatasync p50 ${fsync_p50} us, p99 ${fsync_p99} us"
+
+echo "== loopback ceiling: iperf3, 1 stream, 5 s"
+iperf3 -s -p 5299 -1 >/dev/null 2>&1 &
+sleep 0.5
+iperf3 -c 127.0.0.1 -p 5299 -t 5 -J >"$out/iperf3.json"
+wait
+loop_mb=$(python3 -c "import json; print(json.load(open('$out/iperf3.json'))['end']['sum_received']['bits_per_second']/8/1e6)")
+printf 'loopback: %.0f MB/s\n' "$loop_mb"
+
+run() { # name, loadgen args...
+  local name=$1
+  shift
+  echo "== ringbus scenario $name: $*"
+  "$loadgen" --embedded --quiet --json "$out/ringbus-$name.json" "$@"
+}
+run a --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
+run b --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability memory --duration "$DURATION" --warmup "$WARMUP"
+run c --producers 4 --partitions 4 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
+run d --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up
+half=$(python3 -c "import json; print(int(json.load(open('$out/ringbus-a.json'))['produce_msgs_per_s'] / 2))")
+run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 500 --durability fsync --rate "$half" --duration "$DURATION" --warmup "$WARMUP"
+run f --producers 1 --partitions 1 --consumers 0 --message-size 100 --batch-size 100 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
+
+echo "== peer: Redis Streams ($(redis-server --version | awk '{print $3}'))"
+redis_dir="$out/redis"
+redis_port=6399
+start_redis() { # appendfsync mode
+  rm -rf "$redis_dir" && mkdir -p "$redis_dir"
+  redis-server --port $redis_port --dir "$redis_dir" --save "" --appendonly yes \
+    --appendfsync "$1" --daemonize yes --logfile "$redis_dir/log" --pidfile "$redis_dir/pid"
+  for _ in $(seq 50); do redis-cli -p $redis_port ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis did not start" >&2
+  exit 1
+}
+stop_redis() {
+  redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
+  sleep 0.5
+}
+value1k=$(head -c 1024 /dev/zero | tr '\0' x)
+value100=$(head -c 100 /dev/zero | tr '\0' x)
+bench_redis() { # name, redis-benchmark args... (prints requests per second)
+  local name=$1
+  shift
+  redis-benchmark -p $redis_port --csv "$@" >"$out/redis-$name.csv"
+  tail -1 "$out/redis-$name.csv" | cut -d, -f2 | tr -d '"'
+}
+start_redis always
+redis_a=$(bench_redis a -c 1 -P 1000 -n 1000000 XADD s '*' v "$value1k")
+redis_c=$(bench_redis c -c 4 -P 1000 -n 2000000 -r 4 XADD 's:__rand_int__' '*' v "$value1k")
+redis_f=$(bench_redis f -c 1 -P 100 -n 2000000 XADD small '*' v "$value100")
+stop_redis
+start_redis "no"
+redis_b=$(bench_redis b -c 1 -P 1000 -n 1000000 XADD s '*' v "$value1k")
+# d: 1,000-entry ranges of the 1 GB stream just written (Redis serves every range
+# from memory, so reading the same range again costs what a new one does).
+redis_d=$(bench_redis d -c 1 -P 1 -n 3000 XRANGE s - + COUNT 1000)
+stop_redis
+echo "redis XADD/s: a=$redis_a b=$redis_b c=$redis_c f=$redis_f; XRANGE(1000)/s: d=$redis_d"
+
+echo
+python3 - "$out" "$disk_mb" "$loop_mb" "$fsync_p50" "$fsync_p99" \
+  "$redis_a" "$redis_b" "$redis_c" "$redis_d" "$redis_f" <<'PY'
+import json, sys
+out, disk, loop, f50, f99 = sys.argv[1], *map(float, sys.argv[2:6])
+redis = dict(zip("abcdf", (float(x) for x in sys.argv[6:11])))
+r = {s: json.load(open(f"{out}/ringbus-{s}.json")) for s in "abcdef"}
+# Redis figures in MB/s of message payload: XADDs per second x value size;
+# XRANGE calls per second x 1,000 entries x 1 KB.
+redis_mb = {"a": redis["a"] * 1024 / 1e6, "b": redis["b"] * 1024 / 1e6,
+            "c": redis["c"] * 1024 / 1e6, "f": redis["f"] * 100 / 1e6,
+            "d": redis["d"] * 1000 * 1024 / 1e6}
+print(f"ceilings: disk (dd O_DIRECT) {disk:.0f} MB/s, loopback (iperf3) {loop:.0f} MB/s, "
+      f"fdatasync after 1 MiB p50 {f50:.0f} us / p99 {f99:.0f} us")
+print()
+hdr = f"{'scenario':<44} {'ringbus':>12} {'msgs/s':>11} {'vs disk':>8} {'vs loop':>8} {'redis':>10} {'vs redis':>9}"
+print(hdr)
+print("-" * len(hdr))
+names = {
+    "a": "a 1p/1part 1KB x1000 fsync (produce)",
+    "b": "b 1p/1part 1KB x1000 memory (produce)",
+    "c": "c 4p/4part 2 shards fsync (produce)",
+    "d": "d catch-up consumer (consume)",
+    "e": "e fixed rate 50% of a, fsync (produce)",
+    "f": "f 100 B x100 fsync (produce)",
+}
+rows = {}
+for s in "abcdef":
+    j = r[s]
+    mb = j["consume_mb_per_s"] if s == "d" else j["produce_mb_per_s"]
+    msgs = j["consume_msgs_per_s"] if s == "d" else j["produce_msgs_per_s"]
+    peer = redis_mb.get(s)
+    rows[s] = mb
+    print(f"{names[s]:<44} {mb:>7.0f} MB/s {msgs:>11.0f} {mb/disk:>7.2f}x {mb/loop:>7.2f}x "
+          + (f"{peer:>5.0f} MB/s {mb/peer:>8.2f}x" if peer else f"{'n/a':>10} {'':>9}"))
+e = r["e"]
+ack, e2e = e["produce_ack_us"], e["end_to_end_us"] or {}
+print()
+print("e latency (us):  " + "  ".join(f"{k}={ack[k]}" for k in ("p50", "p90", "p99", "p99_9", "p99_99", "max"))
+      + "  (produce ack)")
+if e2e:
+    print("                 " + "  ".join(f"{k}={e2e[k]}" for k in ("p50", "p90", "p99", "p99_9", "p99_99", "max"))
+          + "  (end to end)")
+print()
+checks = [
+    ("a produces at >= 0.70x the disk ceiling", rows["a"] / disk, 0.70),
+    ("b produces at >= 0.70x the loopback ceiling", rows["b"] / loop, 0.70),
+    ("d consumes at >= 0.70x the loopback ceiling", rows["d"] / loop, 0.70),
+]
+for name, got, want in checks:
+    print(f"target: {name}: {got:.2f}x  {'met' if got >= want else 'MISSED'}")
+got = ack["p99"] / f99
+print(f"target: e p99 ack <= 3x fdatasync p99: {ack['p99']:.0f} us = {got:.1f}x  {'met' if got <= 3 else 'MISSED'}")
+for s in "abcdf":
+    ratio = rows[s] / redis_mb[s]
+    print(f"target: {s} beats redis: {ratio:.2f}x  {'met' if ratio > 1 else 'MISSED'}")
+json.dump({"disk_mb_per_s": disk, "loopback_mb_per_s": loop, "fdatasync_p50_us": f50,
+           "fdatasync_p99_us": f99, "redis_mb_per_s": redis_mb,
+           "ringbus": {s: r[s] for s in "abcdef"}},
+          open(f"{out}/summary.json", "w"), indent=1)
+PY
