@@ -11,11 +11,8 @@ cd "$(dirname "$0")/.."
 scratch=${1:-target/bench-scratch}
 mkdir -p "$scratch"
 
-echo "== disk ceiling: dd oflag=direct bs=1M count=2048"
-dd_out=$(dd if=/dev/zero of="$scratch/dd.test" bs=1M count=2048 oflag=direct 2>&1 | tail -1)
-rm -f "$scratch/dd.test"
-echo "$dd_out"
-secs=$(echo "$dd_out" | sed -E 's/.* copied, ([0-9.]+) s.*/\1/')
+. tools/dd-ceiling.sh
+secs=$(dd_ceiling "$scratch")
 ceiling_mib=$(python3 -c "print(2048/$secs)")
 printf 'ceiling: %.0f MiB/s\n' "$ceiling_mib"
 

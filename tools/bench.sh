@@ -46,11 +46,8 @@ echo "== building"
 cargo build --release -q -p ringbus-loadgen
 loadgen=target/release/ringbus-loadgen
 
-echo "== disk ceiling: dd oflag=direct bs=1M count=2048"
-dd_out=$(dd if=/dev/zero of="$out/dd.test" bs=1M count=2048 oflag=direct 2>&1 | tail -1)
-rm -f "$out/dd.test"
-echo "$dd_out"
-dd_secs=$(echo "$dd_out" | sed -E 's/.* copied, ([0-9.]+) s.*/\1/')
+. tools/dd-ceiling.sh
+dd_secs=$(dd_ceiling "$out")
 disk_mb=$(python3 -c "print(2048*1048576/$dd_secs/1e6)")
 
 echo "== fsync latency: fio, 1 MiB O_DIRECT writes, fdatasync after each"

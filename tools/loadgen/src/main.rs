@@ -231,10 +231,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         starts.push(admin.list_offsets(&topic, p, OffsetSpec::Latest)?.0);
     }
     let warmup_end_ns = now_ns() + args.warmup.as_nanos() as u64;
-    let produce_end_ns = args.duration.map(|d| warmup_end_ns + d.as_nanos() as u64);
-    let produce_end_ns = match (produce_end_ns, args.messages) {
+    // --duration after the warm-up; --messages alone runs until they are sent;
+    // neither: 10 s.
+    let produce_end_ns = match (args.duration, args.messages) {
+        (Some(d), _) => Some(warmup_end_ns + d.as_nanos() as u64),
+        (None, Some(_)) => None,
         (None, None) => Some(warmup_end_ns + 10_000_000_000),
-        (e, _) => e,
     };
     let run = Arc::new(Run {
         args: args.clone(),
@@ -274,27 +276,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 .spawn(move || produce(&r, id as u32, &parts, quota))?,
         );
     }
-    let mut ack_hist = report::histogram();
-    for p in producers {
-        match p.join() {
-            Ok(Ok(h)) => ack_hist.add(&h).expect("same bounds"),
-            Ok(Err(e)) => run.fail(e),
-            Err(_) => run.fail("a producer thread panicked".into()),
-        }
-    }
+    let ack_hist = join_all(&run, producers, "producer");
     run.producers_done.store(true, Ordering::SeqCst);
     if args.catch_up && !run.failed() {
         run.consume_start_ns.store(now_ns(), Ordering::SeqCst);
         consumers = spawn_consumers(&run, &starts)?;
     }
-    let mut e2e_hist = report::histogram();
-    for c in consumers {
-        match c.join() {
-            Ok(Ok(h)) => e2e_hist.add(&h).expect("same bounds"),
-            Ok(Err(e)) => run.fail(e),
-            Err(_) => run.fail("a consumer thread panicked".into()),
-        }
-    }
+    let e2e_hist = join_all(&run, consumers, "consumer");
     run.stop.store(true, Ordering::SeqCst);
     let _ = progress.join();
 
@@ -340,6 +328,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
         None => Ok(true),
     }
+}
+
+/// Waits for workers and merges their histograms; a failed worker fails the run.
+fn join_all(run: &Run, workers: Vec<Worker>, what: &str) -> Histogram<u64> {
+    let mut hist = report::histogram();
+    for w in workers {
+        match w.join() {
+            Ok(Ok(h)) => hist.add(&h).expect("same bounds"),
+            Ok(Err(e)) => run.fail(e),
+            Err(_) => run.fail(format!("a {what} thread panicked")),
+        }
+    }
+    hist
 }
 
 /// Creates the topic, or checks that an existing one has enough partitions.
@@ -415,6 +416,77 @@ fn produce(
     Ok(hist)
 }
 
+/// One produce request being filled: the batch and each message's send time.
+struct Filling<'a> {
+    builder: BatchBuilder,
+    send_ns: Vec<u64>,
+    value: &'a mut [u8],
+    producer: u32,
+    partition: u32,
+    seq: &'a mut u64,
+    timestamp: TimestampMs,
+}
+
+impl Filling<'_> {
+    fn push(&mut self, send_ns: u64) {
+        message::write_header(
+            self.value,
+            self.producer,
+            self.partition,
+            *self.seq,
+            send_ns,
+        );
+        *self.seq += 1;
+        self.builder.push(RecordInput {
+            timestamp: self.timestamp,
+            key: None,
+            value: Some(self.value),
+            headers: &[],
+        });
+        self.send_ns.push(send_ns);
+    }
+}
+
+/// Open loop: message `k` of a producer is due at `start_ns + k * interval_ns`.
+struct Schedule {
+    start_ns: u64,
+    interval_ns: f64,
+    k: u64,
+}
+
+impl Schedule {
+    fn due(&self, k: u64) -> u64 {
+        self.start_ns + (k as f64 * self.interval_ns) as u64
+    }
+}
+
+/// Fills `f` with up to `n` messages as they fall due; closes the batch when it is
+/// full or its first message has lingered `linger_ns`. Returns false when the run
+/// ends before any message was due.
+fn fill_on_schedule(run: &Run, f: &mut Filling<'_>, n: usize, sch: &mut Schedule) -> bool {
+    let linger_ns = run.args.linger_us * 1000;
+    loop {
+        let now = now_ns();
+        while f.send_ns.len() < n && sch.due(sch.k) <= now {
+            f.push(sch.due(sch.k));
+            sch.k += 1;
+        }
+        let missing = (n - f.send_ns.len()) as u64;
+        if missing == 0 {
+            return true;
+        }
+        let wake = match f.send_ns.first() {
+            Some(&first) if now >= first + linger_ns => return true,
+            Some(&first) => sch.due(sch.k + missing - 1).min(first + linger_ns),
+            None => sch.due(sch.k),
+        };
+        if run.stop.load(Ordering::Relaxed) || run.produce_end_ns.is_some_and(|e| wake >= e) {
+            return !f.send_ns.is_empty();
+        }
+        sleep_until_ns(wake);
+    }
+}
+
 fn produce_loop(
     run: &Run,
     id: u32,
@@ -427,106 +499,56 @@ fn produce_loop(
     let mut value = message::template(args.message_size);
     let mut seqs = vec![0u64; parts.len()];
     let mut remaining = quota.unwrap_or(u64::MAX);
-    // Open loop: message k of this producer is due at start + k * interval.
-    let interval_ns = args
-        .rate
-        .map(|r| (1e9 * args.producers as f64 / r).max(1.0));
-    let start_ns = now_ns();
-    let mut k: u64 = 0;
-    let linger_ns = args.linger_us * 1000;
+    let mut schedule = args.rate.map(|r| Schedule {
+        start_ns: now_ns(),
+        interval_ns: (1e9 * args.producers as f64 / r).max(1.0),
+        k: 0,
+    });
     let record_bytes = args.message_size + 32;
-    let mut j = 0usize;
-    while remaining > 0 && !run.stop.load(Ordering::Relaxed) {
-        if run.produce_end_ns.is_some_and(|e| now_ns() >= e) {
+    for pi in (0..parts.len()).cycle() {
+        if remaining == 0
+            || run.stop.load(Ordering::Relaxed)
+            || run.produce_end_ns.is_some_and(|e| now_ns() >= e)
+        {
             break;
         }
-        let pi = j % parts.len();
-        j += 1;
         let p = parts[pi];
         let n = (args.batch_size as u64).min(remaining) as usize;
-        let mut builder = BatchBuilder::with_capacity(n * record_bytes + 128);
-        let mut send_ns = Vec::with_capacity(n);
-        let ts = TimestampMs::now();
-        match interval_ns {
+        let mut f = Filling {
+            builder: BatchBuilder::with_capacity(n * record_bytes + 128),
+            send_ns: Vec::with_capacity(n),
+            value: &mut value,
+            producer: id,
+            partition: p,
+            seq: &mut seqs[pi],
+            timestamp: TimestampMs::now(),
+        };
+        match schedule.as_mut() {
             None => {
                 let t = now_ns();
-                for _ in 0..n {
-                    message::write_header(&mut value, id, p, seqs[pi], t);
-                    seqs[pi] += 1;
-                    builder.push(RecordInput {
-                        timestamp: ts,
-                        key: None,
-                        value: Some(&value),
-                        headers: &[],
-                    });
-                    send_ns.push(t);
-                }
+                (0..n).for_each(|_| f.push(t));
             }
-            Some(iv) => {
-                // Take every message that is due; close the batch when it is full or
-                // its first message has lingered long enough.
-                loop {
-                    let now = now_ns();
-                    while send_ns.len() < n {
-                        let due = start_ns + (k as f64 * iv) as u64;
-                        if due > now {
-                            break;
-                        }
-                        message::write_header(&mut value, id, p, seqs[pi], due);
-                        seqs[pi] += 1;
-                        k += 1;
-                        builder.push(RecordInput {
-                            timestamp: ts,
-                            key: None,
-                            value: Some(&value),
-                            headers: &[],
-                        });
-                        send_ns.push(due);
-                    }
-                    if send_ns.len() == n {
-                        break;
-                    }
-                    let next_due = start_ns + (k as f64 * iv) as u64;
-                    let full_at =
-                        start_ns + ((k + (n - send_ns.len()) as u64 - 1) as f64 * iv) as u64;
-                    let wake = match send_ns.first() {
-                        Some(first) => {
-                            if now >= first + linger_ns {
-                                break;
-                            }
-                            full_at.min(first + linger_ns)
-                        }
-                        None => next_due,
-                    };
-                    if run.stop.load(Ordering::Relaxed)
-                        || run.produce_end_ns.is_some_and(|e| wake >= e)
-                    {
-                        if send_ns.is_empty() {
-                            return Ok(());
-                        }
-                        break;
-                    }
-                    sleep_until_ns(wake);
+            Some(sch) => {
+                if !fill_on_schedule(run, &mut f, n, sch) {
+                    break;
                 }
             }
         }
-        remaining -= send_ns.len() as u64;
+        remaining -= f.send_ns.len() as u64;
         let req = Request::Produce {
             topic: run.topic.clone(),
             partition: PartitionSelector::Partition(p),
             durability: args.durability,
-            batches: Bytes::from(builder.finish()),
+            batches: Bytes::from(f.builder.finish()),
         };
         let pending = conn.send(&req).map_err(|e| format!("producer {id}: {e}"))?;
-        if tx
-            .send(InFlight {
-                pending,
-                partition: p,
-                send_ns,
-            })
-            .is_err()
-        {
-            return Ok(()); // the collector failed the run
+        let item = InFlight {
+            pending,
+            partition: p,
+            send_ns: f.send_ns,
+        };
+        if tx.send(item).is_err() {
+            break; // the collector failed the run
         }
     }
     Ok(())
@@ -726,6 +748,7 @@ fn summarize(run: &Run, ack: &Histogram<u64>, e2e: &Histogram<u64>) -> serde_jso
     let consumed = run.consumed_window.load(Ordering::SeqCst) as f64;
     let rate = |n: f64, s: f64| if s > 0.0 { n / s } else { 0.0 };
     let round = |x: f64| (x * 10.0).round() / 10.0;
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
     serde_json::json!({
         "config": {
             "producers": a.producers,
@@ -743,10 +766,10 @@ fn summarize(run: &Run, ack: &Histogram<u64>, e2e: &Histogram<u64>) -> serde_jso
         },
         "produced_msgs": run.acked.load(Ordering::SeqCst),
         "consumed_msgs": run.consumed.load(Ordering::SeqCst),
-        "produce_seconds": round(produce_secs * 10.0) / 10.0,
+        "produce_seconds": round2(produce_secs),
         "produce_msgs_per_s": round(rate(produced, produce_secs)),
         "produce_mb_per_s": round(rate(produced * size, produce_secs) / 1e6),
-        "consume_seconds": round(consume_secs * 10.0) / 10.0,
+        "consume_seconds": round2(consume_secs),
         "consume_msgs_per_s": round(rate(consumed, consume_secs)),
         "consume_mb_per_s": round(rate(consumed * size, consume_secs) / 1e6),
         "produce_ack_us": report::latency_json(ack),
