@@ -108,3 +108,7 @@ pub const RETENTION_CHECK_MS: u64 = 10_000;
 /// How long an executor spins looking for work before it parks in io_uring. A
 /// parked reactor is slow to notice a wake from another shard (about 4 ms here).
 pub const SPIN_BEFORE_PARK_US: u64 = 200;
+
+/// Period of each executor's heartbeat timer: the longest a shard can stay parked
+/// while it has runnable tasks (see `storage::uring::spawn_heartbeat`).
+pub const EXECUTOR_HEARTBEAT_MS: u64 = 10;

@@ -44,10 +44,19 @@ impl Broker {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start ringbus");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        // Read the first line on a helper thread, so a broker that never comes up
+        // fails this test instead of hanging the suite.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("broker did not report its address within 30 s");
+        };
         let addr = line
             .trim()
             .strip_prefix("ringbus listening on ")

@@ -165,6 +165,7 @@ impl Broker {
             let ex = crate::storage::uring::executor_builder(placement)
                 .name(&format!("shard-{id}"))
                 .spawn(move || async move {
+                    crate::storage::uring::spawn_heartbeat();
                     // A queue whose latency matters: wakes from other threads (replies
                     // crossing shards) then kick a sleeping reactor at once instead of
                     // waiting for its next poll (measured: 4 ms per cross-shard reply).

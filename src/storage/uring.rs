@@ -42,6 +42,28 @@ pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutor
         .spin_before_park(Duration::from_micros(limits::SPIN_BEFORE_PARK_US))
 }
 
+/// Keeps a timer pending on the current executor for as long as it runs.
+///
+/// glommio 0.9 can park an executor that still has runnable tasks: its scheduler
+/// loop (`run_task_queues`) returns "nothing ran" both when the queues are empty and
+/// when the preempt timer has already fired before the first queue ran, and the
+/// caller parks on either. The parked reactor then sleeps in `io_uring_enter` until
+/// some I/O completes or a timer expires; at start-up (the shard mesh join) neither
+/// is coming, and a broker hung there for good under CI load (both shards parked,
+/// `Broker::start` waiting for them). The preempt timer of a `Latency::Matters(1 ms)`
+/// queue makes the race likely whenever the thread is descheduled for a millisecond.
+/// A pending timer bounds every such sleep, so the stall lasts at most one period.
+/// Spawn this before anything else on the executor.
+pub fn spawn_heartbeat() {
+    let period = Duration::from_millis(limits::EXECUTOR_HEARTBEAT_MS);
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(period).await;
+        }
+    })
+    .detach();
+}
+
 /// io_uring writes and fdatasync through glommio. Must be created and used on a
 /// glommio executor thread.
 #[derive(Clone)]
