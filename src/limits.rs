@@ -112,3 +112,11 @@ pub const SPIN_BEFORE_PARK_US: u64 = 200;
 /// Period of each executor's heartbeat timer: the longest a shard can stay parked
 /// while it has runnable tasks (see `storage::uring::spawn_heartbeat`).
 pub const EXECUTOR_HEARTBEAT_MS: u64 = 10;
+
+/// Allocation unit of the tail cache: appended batches are copied into blocks of this
+/// size (a larger batch gets a block of its own), and readers get slices of them.
+pub const TAIL_CACHE_BLOCK_BYTES: usize = 8 * 1024 * 1024;
+
+/// Default tail cache of the whole broker, shared by its shards: this fraction of
+/// physical memory (1/8).
+pub const TAIL_CACHE_RAM_DIVISOR: u64 = 8;

@@ -115,6 +115,9 @@ struct ServeArgs {
     /// ... or after this many microseconds.
     #[arg(long)]
     flush_delay_us: Option<u64>,
+    /// Memory for the tail cache, all shards together (default: an eighth of RAM).
+    #[arg(long)]
+    tail_cache_bytes: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -172,6 +175,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     if a.retention_ms.is_some() {
         c.retention_ms = a.retention_ms;
+    }
+    if a.tail_cache_bytes.is_some() {
+        c.tail_cache_bytes = a.tail_cache_bytes;
     }
     ringbus::server::run(c)
 }

@@ -35,6 +35,9 @@ impl Broker {
                 "2",
                 "--segment-bytes",
                 "1048576",
+                // Small, so that parallel tests do not each reserve an eighth of RAM.
+                "--tail-cache-bytes",
+                "33554432",
             ])
             .arg("--data-dir")
             .arg(dir)

@@ -7,7 +7,7 @@ use common::*;
 use proptest::prelude::*;
 use ringbus::batch::BatchRef;
 use ringbus::storage::io::{AlignedBuf, StdIo};
-use ringbus::storage::{Durability, LogIo, Partition, PartitionConfig, StorageError};
+use ringbus::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
 use ringbus::{Offset, TimestampMs};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -15,12 +15,24 @@ use std::time::Instant;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { records: usize, value_len: usize },
+    Append {
+        records: usize,
+        value_len: usize,
+    },
     Flush,
     Roll,
-    Retain { bytes: u64 },
-    Read { at: usize, max_bytes: usize },
-    Reopen,
+    Retain {
+        bytes: u64,
+    },
+    Read {
+        at: usize,
+        max_bytes: usize,
+    },
+    /// Reopen, with a tail cache of this many bytes (in 16 KiB blocks; under one
+    /// block is no cache).
+    Reopen {
+        cache: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,7 +42,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Roll),
         1 => (0u64..200_000).prop_map(|bytes| Op::Retain { bytes }),
         3 => (0usize..1000, 1usize..100_000).prop_map(|(at, max_bytes)| Op::Read { at, max_bytes }),
-        1 => Just(Op::Reopen),
+        1 => (0u64..300_000).prop_map(|cache| Op::Reopen { cache }),
     ]
 }
 
@@ -45,10 +57,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn partition_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn partition_matches_model(
+        ops in proptest::collection::vec(op(), 1..60),
+        first_cache in 0u64..300_000,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = small_config();
         let (mut p, _) = open(dir.path(), cfg.clone());
+        // Reads must return the same bytes whether they come from the tail cache
+        // (with evictions under a small budget), the maps, or both in one fetch.
+        let cached = |p: &mut Partition<StdIo>, bytes: u64| {
+            p.set_tail_cache(CacheBudget::with_block_bytes(bytes, 16 * 1024));
+        };
+        cached(&mut p, first_cache);
         let mut m = Model::default();
         let mut n = 0u64;
         for op in ops {
@@ -81,6 +102,7 @@ proptest! {
                     // Unflushed batches are lost with the process; reopen with the limit.
                     m.batches.truncate(m.flushed);
                     let (mut q, _) = open(dir.path(), c);
+                    cached(&mut q, first_cache);
                     let before = q.size_bytes();
                     let r = q.apply_retention(TimestampMs(1_000)).unwrap();
                     prop_assert!(r.segments_deleted == 0 || before - r.bytes_deleted >= bytes);
@@ -106,10 +128,11 @@ proptest! {
                     prop_assert!(got == want, "fetched bytes differ from the model");
                     prop_assert!(f.bytes() <= max_bytes || f.chunks.len() == 1);
                 }
-                Op::Reopen => {
+                Op::Reopen { cache } => {
                     drop(p);
                     m.batches.truncate(m.flushed);
-                    let (q, rep) = open(dir.path(), cfg.clone());
+                    let (mut q, rep) = open(dir.path(), cfg.clone());
+                    cached(&mut q, cache);
                     prop_assert_eq!(rep.truncated_bytes, 0);
                     prop_assert!(rep.corruptions.is_empty());
                     p = q;
@@ -124,6 +147,46 @@ proptest! {
             prop_assert!(a.1 == b.1);
         }
     }
+}
+
+#[test]
+fn tail_cache_serves_fresh_batches_evicts_the_oldest_and_matches_the_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..20 {
+        append(&mut p, &batch(&format!("old{i}"), 2, 400, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    // Attached mid-segment: earlier batches come from the map, later ones from
+    // memory; 16 KiB blocks under a 64 KiB budget, so most of what follows is evicted.
+    let budget = CacheBudget::with_block_bytes(64 * 1024, 16 * 1024);
+    p.set_tail_cache(budget.clone());
+    for i in 0..300 {
+        append(&mut p, &batch(&format!("new{i}"), 3, 300, 1_000));
+        if i % 7 == 0 {
+            p.flush_blocking().unwrap();
+        }
+    }
+    p.flush_blocking().unwrap();
+    assert!(budget.used() <= 64 * 1024, "over budget: {}", budget.used());
+    assert!(budget.evicted() > 0, "nothing was evicted");
+    let cached = read_all(&p, Offset(0));
+    assert!(budget.served() > 0, "no read came from the cache");
+    // The newest batches are cached: a fetch at the tail is served from memory.
+    let before = budget.served();
+    let last = p.next_offset().0 - 3;
+    let f = p.read(Offset(last), 1 << 20).unwrap();
+    assert_eq!(budget.served() - before, f.bytes() as u64);
+    // The same bytes and values as the maps give without any cache.
+    let with_cache = batches(&p);
+    drop(p);
+    let (q, _) = open(dir.path(), small_config());
+    assert!(
+        with_cache == batches(&q),
+        "cached reads differ from the maps"
+    );
+    assert_eq!(cached, read_all(&q, Offset(0)));
+    assert_eq!(cached.len(), 40 + 900);
 }
 
 #[test]

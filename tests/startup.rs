@@ -36,6 +36,7 @@ fn repeated_starts_never_hang() {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
             cores: 2,
+            tail_cache_bytes: Some(16 << 20),
             ..ServerConfig::default()
         };
         let (tx, rx) = mpsc::channel();

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod shard;
 
 use crate::limits;
+use crate::storage::tail_cache::CacheMemory;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,11 @@ pub struct ServerConfig {
     pub flush_delay_us: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// Memory for copies of recently written batches, which consumers near the tail
+    /// read instead of the disk; shared by every shard, reserved and touched in the
+    /// background at start-up. `None`: an eighth of physical memory. Below 8 MiB
+    /// the cache is off.
+    pub tail_cache_bytes: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +61,7 @@ impl Default for ServerConfig {
             flush_bytes: limits::FLUSH_BYTES_DEFAULT,
             flush_delay_us: limits::FLUSH_DELAY_US_DEFAULT,
             shutdown_grace_ms: 5_000,
+            tail_cache_bytes: None,
         }
     }
 }
@@ -64,6 +71,14 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The tail cache of the whole broker, in bytes.
+    pub fn tail_cache_total(&self) -> u64 {
+        self.tail_cache_bytes.unwrap_or_else(|| {
+            crate::storage::io::physical_memory_bytes().unwrap_or(0)
+                / limits::TAIL_CACHE_RAM_DIVISOR
+        })
     }
 
     pub fn shard_count(&self) -> usize {
@@ -82,6 +97,8 @@ pub struct Shared {
     pub shards: usize,
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
+    /// The tail cache's memory, shared by every shard.
+    pub cache: Arc<CacheMemory>,
 }
 
 /// A running broker: its shards serve until [`Broker::shutdown`] (or a drop).
@@ -144,7 +161,18 @@ impl Broker {
             shards,
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
+            cache: CacheMemory::new(config.tail_cache_total(), limits::TAIL_CACHE_BLOCK_BYTES),
         });
+        // Touch the cache's memory off the shards' threads: first-touch faults cost
+        // the shard that takes them far more than the copy itself.
+        let sh = shared.clone();
+        let prefault = std::thread::Builder::new()
+            .name("cache-prefault".into())
+            .spawn(move || match sh.cache.prefault(&sh.shutdown) {
+                Ok(n) => tracing::debug!(blocks = n, "tail cache memory ready"),
+                Err(e) => tracing::warn!(error = %e, "could not reserve tail cache memory"),
+            })?;
+        drop(prefault);
         let mesh = glommio::channels::channel_mesh::MeshBuilder::full(
             shards,
             limits::SHARD_CHANNEL_CAPACITY,
@@ -202,8 +230,17 @@ impl Broker {
             }
         }
         drop(probe);
-        tracing::info!(addr = %config.listen, shards, data_dir = %config.data_dir.display(), "ringbus listening");
+        tracing::info!(
+            addr = %config.listen, shards, data_dir = %config.data_dir.display(),
+            tail_cache_bytes = broker.shared.cache.budget(), "ringbus listening"
+        );
         Ok(broker)
+    }
+
+    /// Whether the tail cache's memory is reserved and touched (start-up does it in
+    /// the background; benchmarks wait for it).
+    pub fn cache_is_warm(&self) -> bool {
+        self.shared.cache.is_warm()
     }
 
     /// The address the shards listen on (the real port when started on `:0`).

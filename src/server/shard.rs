@@ -16,7 +16,7 @@ use crate::protocol::{
 };
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
-use crate::storage::{Durability, Partition, PartitionConfig, StorageError};
+use crate::storage::{CacheBudget, Durability, Partition, PartitionConfig, StorageError};
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -87,6 +87,8 @@ pub struct Shard {
     catalog: RefCell<Catalog>,
     partitions: RefCell<HashMap<(String, u32), Rc<Slot>>>,
     io: UringIo,
+    /// The tail cache every partition of this shard draws from.
+    cache: CacheBudget,
     /// Requests being handled on this shard (for the shutdown drain).
     pub active: Cell<usize>,
 }
@@ -141,6 +143,7 @@ pub async fn run(
             catalog: RefCell::new(catalog),
             partitions: RefCell::new(HashMap::new()),
             io,
+            cache: CacheBudget::new(shared.cache.clone()),
             active: Cell::new(0),
         });
         let topics: Vec<_> = shard
@@ -266,13 +269,14 @@ impl Shard {
                 continue;
             }
             let dir = catalog::partition_dir(&self.shared.config.data_dir, topic, p);
-            let (part, report) = Partition::open(
+            let (mut part, report) = Partition::open(
                 &dir,
                 self.partition_config(cfg),
                 self.io.clone(),
                 TimestampMs::now(),
             )
             .map_err(|e| anyhow::anyhow!("open {topic}/{p}: {e}"))?;
+            part.set_tail_cache(self.cache.clone());
             if report.truncated_bytes > 0 || !report.corruptions.is_empty() {
                 tracing::warn!(
                     topic,

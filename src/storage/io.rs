@@ -235,3 +235,18 @@ pub fn prefetch(file: &File, offset: u64, len: u64) {
     // descriptor yields an error code, never undefined behaviour.
     let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
 }
+
+/// The machine's physical memory, if the system reports it.
+pub fn physical_memory_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads its integer argument and returns -1 for an
+    // unknown name.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let pages = u64::try_from(pages).ok()?;
+    let page = u64::try_from(page).ok()?;
+    pages.checked_mul(page)
+}

@@ -8,6 +8,7 @@
 //! - [`index`]: the sparse offset index and the time index.
 //! - [`segment`]: one `.log` file: appends, reads, recovery scan.
 //! - [`partition`]: the ordered segments, offsets, flush, roll, retention.
+//! - [`tail_cache`]: in-memory copies of recently written batches for readers.
 //! - [`watermark`]: runtime-free waiting on written and durable offsets.
 //! - [`dump`]: the operator's view of a segment (`ringbus segdump`).
 
@@ -17,6 +18,7 @@ pub mod io;
 pub mod mmap;
 pub mod partition;
 pub mod segment;
+pub mod tail_cache;
 pub mod uring;
 pub mod watermark;
 
@@ -25,6 +27,7 @@ pub use partition::{
     Appended, Durability, Fetch, FlushDue, FlushJob, FlushScope, Partition, PartitionConfig,
     RecoveryPolicy, RecoveryReport, RetentionReport, SyncJob,
 };
+pub use tail_cache::CacheBudget;
 
 use crate::batch::BatchError;
 use crate::types::Offset;

@@ -20,6 +20,7 @@ use crate::batch::{BatchError, BatchRef};
 use crate::limits;
 use crate::storage::io::LogIo;
 use crate::storage::segment::{self, BufPool, Role, Segment, SegmentFlush, SegmentWriter};
+use crate::storage::tail_cache::CacheBudget;
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
@@ -304,6 +305,8 @@ pub struct Partition<B: LogIo> {
     written: Watermark,
     durable: Watermark,
     kicks: Watermark,
+    /// Where new segments' tail caches draw their memory; `None` reads the maps only.
+    cache: Option<CacheBudget>,
 }
 
 impl<B: LogIo> std::fmt::Debug for Partition<B> {
@@ -445,6 +448,7 @@ impl<B: LogIo> Partition<B> {
             written: Watermark::new(next_offset.0),
             durable: Watermark::new(next_offset.0),
             kicks: Watermark::new(0),
+            cache: None,
         };
         Ok((p, report))
     }
@@ -568,19 +572,33 @@ impl<B: LogIo> Partition<B> {
         if self.segments.back().is_some_and(Segment::is_empty) {
             return Ok(());
         }
-        let seg = Segment::create(
+        let mut seg = Segment::create(
             &self.dir,
             self.next_offset,
             self.capacity,
             self.pool.clone(),
             wall,
         )?;
+        if let Some(budget) = &self.cache {
+            seg.attach_cache(budget);
+        }
         self.segments
             .back_mut()
             .expect("at least one segment")
             .seal();
         self.segments.push_back(seg);
         Ok(())
+    }
+
+    /// Keeps copies of the batches appended from now on in memory under `budget`
+    /// (a shard's), so that reads near the tail do not go to the disk. Data written
+    /// before the call, or evicted since, is read from the segment maps.
+    pub fn set_tail_cache(&mut self, budget: CacheBudget) {
+        self.segments
+            .back_mut()
+            .expect("at least one segment")
+            .attach_cache(&budget);
+        self.cache = Some(budget);
     }
 
     /// Bytes appended but not yet handed to a write job.
@@ -913,14 +931,13 @@ impl<B: LogIo> Partition<B> {
                 break;
             }
             cur = cur.max(seg.base);
-            let Some((bytes, next)) = seg.read(cur, budget, chunks.is_empty())? else {
+            let Some((n, next)) = seg.read(cur, budget, chunks.is_empty(), &mut chunks)? else {
                 continue;
             };
-            if bytes.is_empty() {
+            if n == 0 {
                 break;
             }
-            budget = budget.saturating_sub(bytes.len());
-            chunks.push(bytes);
+            budget = budget.saturating_sub(n);
             cur = next;
             if next < seg.written_next || budget == 0 {
                 break;

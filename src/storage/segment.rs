@@ -18,6 +18,7 @@ use crate::limits::{
 use crate::storage::index::{self, IndexEntry, TimeEntry};
 use crate::storage::io::{self as sio, LogIo, WriteBuf};
 use crate::storage::mmap::map_readonly;
+use crate::storage::tail_cache::{CacheBudget, SegmentCache};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
@@ -332,6 +333,9 @@ pub(crate) struct Segment<B: LogIo> {
     pool: BufPool<B>,
     staging: Option<Chunk<B::Buf>>,
     ready: Vec<Chunk<B::Buf>>,
+    /// Copies of the batches appended since the cache was attached (see
+    /// [`tail_cache`](super::tail_cache)); reads of those positions use it.
+    cache: Option<SegmentCache>,
 }
 
 impl<B: LogIo> std::fmt::Debug for Segment<B> {
@@ -460,6 +464,7 @@ impl<B: LogIo> Segment<B> {
             pool,
             staging: None,
             ready: Vec::new(),
+            cache: None,
         }
     }
 
@@ -799,6 +804,9 @@ impl<B: LogIo> Segment<B> {
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&bytes[..HEADER_LEN]);
         batch::stamp_base_offset(&mut header, base);
+        if let Some(c) = &mut self.cache {
+            c.append(self.len, &header, &bytes[HEADER_LEN..]);
+        }
         self.copy_in(io, &header);
         self.copy_in(io, &bytes[HEADER_LEN..]);
         self.next_offset = last.plus(1);
@@ -836,6 +844,9 @@ impl<B: LogIo> Segment<B> {
     pub(crate) fn seal(&mut self) {
         assert!(self.is_active());
         self.state = SegmentState::Sealed { trimmed: false };
+        if let Some(c) = &mut self.cache {
+            c.seal();
+        }
         if let Some(c) = self.staging.take() {
             if c.pos + c.filled as u64 > self.flush_issued_len {
                 self.ready.push(c);
@@ -928,7 +939,34 @@ impl<B: LogIo> Segment<B> {
         );
         self.written_len = len;
         self.written_next = next;
+        if let Some(c) = &mut self.cache {
+            c.publish(len);
+        }
         Ok(())
+    }
+
+    /// Starts caching this segment's appends (from the next one on) under `budget`.
+    pub(crate) fn attach_cache(&mut self, budget: &CacheBudget) {
+        if self.is_active() && self.cache.is_none() {
+            self.cache = budget.segment_cache(self.len);
+        }
+    }
+
+    /// The readable bytes from file position `pos` up to at most `limit`, contiguous
+    /// and ending on a batch boundary: from the tail cache when it holds `pos`,
+    /// otherwise from the map (stopping where the cache starts, so the batches after
+    /// come from memory). The flag says whether the bytes come from the map.
+    fn region(&self, pos: u64, limit: u64) -> (Bytes, bool) {
+        if let Some(c) = &self.cache {
+            if let Some(r) = c.region(pos, limit) {
+                return (r, false);
+            }
+        }
+        let end = match self.cache.as_ref().and_then(SegmentCache::first_pos) {
+            Some(first) if first > pos => first.min(limit),
+            _ => limit,
+        };
+        (self.map.slice(pos as usize..end as usize), true)
     }
 
     pub(crate) fn persist_index(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
@@ -991,15 +1029,17 @@ impl<B: LogIo> Segment<B> {
 
     /// Reads whole batches starting with the one that holds `offset`, up to
     /// `max_bytes` (past it by one batch when `at_least_one` and the first batch is
-    /// larger), from written bytes only. Returns the bytes (empty when the budget
-    /// takes no batch) and the offset after the last batch, or `None` if this
-    /// segment has no written batch at or after `offset`.
+    /// larger), from written bytes only, and pushes them onto `out` (one slice per
+    /// contiguous region: the map, or a piece of the tail cache). Returns the bytes
+    /// pushed (0 when the budget takes no batch) and the offset after the last
+    /// batch, or `None` if this segment has no written batch at or after `offset`.
     pub(crate) fn read(
         &self,
         offset: Offset,
         max_bytes: usize,
         at_least_one: bool,
-    ) -> Result<Option<(Bytes, Offset)>, StorageError> {
+        out: &mut Vec<Bytes>,
+    ) -> Result<Option<(usize, Offset)>, StorageError> {
         if offset >= self.written_next || self.written_len == 0 {
             return Ok(None);
         }
@@ -1010,7 +1050,6 @@ impl<B: LogIo> Segment<B> {
         // The offset the batch at `pos` must start with: base offsets are not
         // covered by the CRC, so every header is checked against it.
         let mut expect = Offset(self.base.0 + u64::from(entry.map_or(0, |e| e.relative_offset)));
-        let map = &self.map[..limit as usize];
         let gap = |pos: u64, expected: Offset, found: u64| StorageError::OffsetGap {
             segment: self.path.clone(),
             position: pos,
@@ -1030,12 +1069,19 @@ impl<B: LogIo> Segment<B> {
                 .map(Offset)
                 .ok_or_else(|| gap(pos, expect, found))
         };
+        // The current region and the file position of its first byte.
+        let (mut region, mut from_map) = self.region(pos, limit);
+        let mut region_pos = pos;
         // Skip to the batch that holds `offset` (headers only).
         loop {
             if pos >= limit {
                 return Ok(None);
             }
-            let at = &map[pos as usize..];
+            if pos >= region_pos + region.len() as u64 {
+                (region, from_map) = self.region(pos, limit);
+                region_pos = pos;
+            }
+            let at = &region[(pos - region_pos) as usize..];
             let len = batch::check_header(at).map_err(|e| StorageError::at(&self.path, pos, e))?;
             let next = after(at, pos, expect)?;
             if next > offset {
@@ -1045,13 +1091,29 @@ impl<B: LogIo> Segment<B> {
             pos += len as u64;
         }
         let start = pos;
-        // Reads past the page cache fault one small piece at a time; ask for this
-        // read and the next one in large requests instead.
-        let ahead = (2 * max_bytes as u64).min(limit - start);
-        sio::prefetch(&self.file, start, ahead);
+        if from_map {
+            // Reads past the page cache fault one small piece at a time; ask for
+            // this read and the next one in large requests instead.
+            let ahead = (2 * max_bytes as u64).min(limit - start);
+            sio::prefetch(&self.file, start, ahead);
+        }
         let mut next = None;
+        // Start of the bytes of the current region not yet pushed.
+        let mut pushed_to = start;
+        let mut push = |piece: Bytes, from_map: bool| {
+            if let (false, Some(c)) = (from_map, &self.cache) {
+                c.note_served(piece.len());
+            }
+            out.push(piece);
+        };
         while pos < limit {
-            let at = &map[pos as usize..];
+            if pos >= region_pos + region.len() as u64 {
+                push(region.slice((pushed_to - region_pos) as usize..), from_map);
+                (region, from_map) = self.region(pos, limit);
+                region_pos = pos;
+                pushed_to = pos;
+            }
+            let at = &region[(pos - region_pos) as usize..];
             let len = batch::check_header_and_crc(at)
                 .map_err(|e| StorageError::at(&self.path, pos, e))?;
             if (pos > start || !at_least_one) && (pos - start) + len as u64 > max_bytes as u64 {
@@ -1061,8 +1123,14 @@ impl<B: LogIo> Segment<B> {
             next = Some(expect);
             pos += len as u64;
         }
+        if pos > pushed_to {
+            push(
+                region.slice((pushed_to - region_pos) as usize..(pos - region_pos) as usize),
+                from_map,
+            );
+        }
         let next = next.unwrap_or(offset);
-        Ok(Some((self.map.slice(start as usize..pos as usize), next)))
+        Ok(Some(((pos - start) as usize, next)))
     }
 
     /// The first offset whose batch has a max timestamp at or after `ts`, if any

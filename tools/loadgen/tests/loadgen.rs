@@ -8,6 +8,7 @@ fn loadgen(args: &[&str]) -> (std::process::Output, Option<Value>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("out.json");
     let out = Command::new(env!("CARGO_BIN_EXE_ringbus-loadgen"))
+        .args(["--broker-tail-cache-bytes", "67108864"])
         .args(["--embedded", "--broker-cores", "2", "--quiet", "--json"])
         .arg(&json)
         .args(args)
