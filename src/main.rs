@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Shards, one per core (default: every core).
     #[arg(long)]
     cores: Option<usize>,
+    /// Pin each shard to its own CPU (see docs/ARCHITECTURE.md before turning it on).
+    #[arg(long)]
+    pin_shards: bool,
     #[arg(long)]
     max_connections: Option<usize>,
     #[arg(long)]
@@ -175,6 +178,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     if a.retention_ms.is_some() {
         c.retention_ms = a.retention_ms;
+    }
+    if a.pin_shards {
+        c.pin_shards = true;
     }
     if a.tail_cache_bytes.is_some() {
         c.tail_cache_bytes = a.tail_cache_bytes;
