@@ -105,8 +105,9 @@ pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 /// How often each shard applies retention to its partitions.
 pub const RETENTION_CHECK_MS: u64 = 10_000;
 
-/// How long an executor spins looking for work before it parks in io_uring. A
-/// parked reactor is slow to notice a wake from another shard (about 4 ms here).
+/// How long an executor spins looking for work before it parks in io_uring: a
+/// parked reactor is slower to run a task woken from another shard (see
+/// docs/ARCHITECTURE.md, "Waking across shards").
 pub const SPIN_BEFORE_PARK_US: u64 = 200;
 
 /// Period of each executor's heartbeat timer: the longest a shard can stay parked
