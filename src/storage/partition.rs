@@ -821,6 +821,10 @@ impl<B: LogIo> Partition<B> {
             }
         }
         self.durable.advance(job.upto.0);
+        // The writer may be holding a partial chunk back for this sync.
+        if self.pending_bytes() > 0 {
+            self.kicks.advance(self.kicks.get() + 1);
+        }
         for seg in self.segments.iter_mut() {
             if seg.state == (segment::SegmentState::Sealed { trimmed: false }) && seg.fully_synced()
             {
@@ -900,7 +904,8 @@ impl<B: LogIo> Partition<B> {
         self.appended.clone()
     }
 
-    /// Bumped whenever pending bytes cross `flush_bytes`.
+    /// Bumped whenever pending bytes cross `flush_bytes`, and when a sync completes
+    /// with bytes pending (the writer may be holding them back for it).
     pub fn flush_kick_watch(&self) -> Watermark {
         self.kicks.clone()
     }

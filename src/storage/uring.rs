@@ -174,9 +174,9 @@ async fn write_loop<B: LogIo>(
     part: &RefCell<Partition<B>>,
     stop: &Watermark,
 ) -> Result<(), StorageError> {
-    let (appended, kicks, durable) = {
+    let (appended, kicks) = {
         let p = part.borrow();
-        (p.appended_watch(), p.flush_kick_watch(), p.durable_watch())
+        (p.appended_watch(), p.flush_kick_watch())
     };
     let mut running = FuturesUnordered::new();
     loop {
@@ -200,16 +200,17 @@ async fn write_loop<B: LogIo>(
             return Ok(());
         }
         let next = appended.get() + 1;
-        let durable_next = durable.get() + 1;
         let kick = kicks.get() + 1;
         let idle = running.is_empty();
         let wake = async {
             match due {
-                // Also wake when a sync completes: partial data held back while it
-                // ran (see `flush_due`) is due then.
+                // Also wake when a sync completes (it kicks): partial data held
+                // back while it ran (see `flush_due`) is due then. Never wait on the
+                // durable mark itself: a waiter there reads as a producer waiting for
+                // durability, which makes the syncer fdatasync after every write.
                 FlushDue::Idle => {
                     let synced = async {
-                        durable.wait_for(durable_next).await.ok();
+                        kicks.wait_for(kick).await.ok();
                     };
                     futures_lite::future::or(
                         async {

@@ -21,7 +21,10 @@ pub struct WaitFailed(pub Rc<str>);
 struct Inner {
     value: Cell<u64>,
     failed: RefCell<Option<WaitFailed>>,
-    waiters: RefCell<Vec<(u64, Waker)>>,
+    /// `(id, target, waker)` of every pending [`WaitFor`]; a future removes its own
+    /// entry when dropped, so the count is exactly the waits in progress.
+    waiters: RefCell<Vec<(u64, u64, Waker)>>,
+    next_id: Cell<u64>,
     /// Woken when a waiter registers (see [`Watermark::wait_for_waiters`]).
     demand: RefCell<Option<Waker>>,
 }
@@ -55,7 +58,7 @@ impl Watermark {
         let ready: Vec<Waker> = {
             let mut waiters = self.inner.waiters.borrow_mut();
             let mut ready = Vec::new();
-            waiters.retain(|(target, w)| {
+            waiters.retain(|(_, target, w)| {
                 if *target <= value {
                     ready.push(w.clone());
                     false
@@ -72,7 +75,7 @@ impl Watermark {
     pub fn fail(&self, reason: WaitFailed) {
         *self.inner.failed.borrow_mut() = Some(reason);
         let all: Vec<_> = self.inner.waiters.borrow_mut().drain(..).collect();
-        all.into_iter().for_each(|(_, w)| w.wake());
+        all.into_iter().for_each(|(_, _, w)| w.wake());
     }
 
     /// Resolves once the mark is at least `target`.
@@ -80,6 +83,7 @@ impl Watermark {
         WaitFor {
             mark: self.clone(),
             target,
+            id: None,
         }
     }
 
@@ -119,15 +123,18 @@ impl Future for WaitForWaiters {
 pub struct WaitFor {
     mark: Watermark,
     target: u64,
+    /// Our entry in the waiter list, once registered.
+    id: Option<u64>,
 }
 
 impl Future for WaitFor {
     type Output = Result<u64, WaitFailed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &self.mark.inner;
+        let this = self.get_mut();
+        let inner = &this.mark.inner;
         let value = inner.value.get();
-        if value >= self.target {
+        if value >= this.target {
             return Poll::Ready(Ok(value));
         }
         if let Some(f) = inner.failed.borrow().as_ref() {
@@ -135,20 +142,36 @@ impl Future for WaitFor {
         }
         let mut waiters = inner.waiters.borrow_mut();
         // Re-polls replace the stale waker instead of growing the list.
-        let me = self.target;
-        if let Some(slot) = waiters
-            .iter_mut()
-            .find(|(t, w)| *t == me && w.will_wake(cx.waker()))
+        if let Some(slot) = this
+            .id
+            .and_then(|id| waiters.iter_mut().find(|(i, _, _)| *i == id))
         {
-            slot.1 = cx.waker().clone();
+            slot.2 = cx.waker().clone();
         } else {
-            waiters.push((me, cx.waker().clone()));
+            let id = inner.next_id.get();
+            inner.next_id.set(id + 1);
+            waiters.push((id, this.target, cx.waker().clone()));
+            this.id = Some(id);
             drop(waiters);
             if let Some(d) = inner.demand.borrow_mut().take() {
                 d.wake();
             }
         }
         Poll::Pending
+    }
+}
+
+impl Drop for WaitFor {
+    fn drop(&mut self) {
+        // A wait given up (the loser of a select, a cancelled request) must not
+        // count as a waiter: the syncer reads the count as demand for an fdatasync.
+        if let Some(id) = self.id {
+            self.mark
+                .inner
+                .waiters
+                .borrow_mut()
+                .retain(|(i, _, _)| *i != id);
+        }
     }
 }
 
@@ -173,5 +196,21 @@ mod tests {
             future::block_on(future::poll_once(&mut b)),
             Some(Err(_))
         ));
+    }
+
+    #[test]
+    fn an_abandoned_wait_is_no_longer_a_waiter() {
+        let w = Watermark::new(0);
+        let mut a = Box::pin(w.wait_for(5));
+        let mut b = Box::pin(w.wait_for(6));
+        assert!(future::block_on(future::poll_once(&mut a)).is_none());
+        assert!(future::block_on(future::poll_once(&mut a)).is_none());
+        assert!(future::block_on(future::poll_once(&mut b)).is_none());
+        assert_eq!(w.waiter_count(), 2, "a re-poll does not add an entry");
+        drop(a);
+        assert_eq!(w.waiter_count(), 1, "a dropped wait leaves the list");
+        w.advance(6);
+        assert_eq!(future::block_on(future::poll_once(&mut b)), Some(Ok(6)));
+        assert_eq!(w.waiter_count(), 0);
     }
 }
