@@ -93,9 +93,10 @@ struct ServeArgs {
     /// Shards, one per core (default: every core).
     #[arg(long)]
     cores: Option<usize>,
-    /// Pin each shard to its own CPU (see docs/ARCHITECTURE.md before turning it on).
-    #[arg(long)]
-    pin_shards: bool,
+    /// Where shards run: auto keeps them off the CPUs that take the data disk's
+    /// interrupts (one shard per remaining CPU when --cores is not given).
+    #[arg(long, value_enum)]
+    placement: Option<ringbus::server::PlacementMode>,
     #[arg(long)]
     max_connections: Option<usize>,
     #[arg(long)]
@@ -164,6 +165,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listen,
         data_dir,
         cores,
+        placement,
         max_connections,
         max_frame_bytes,
         segment_bytes,
@@ -178,9 +180,6 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     if a.retention_ms.is_some() {
         c.retention_ms = a.retention_ms;
-    }
-    if a.pin_shards {
-        c.pin_shards = true;
     }
     if a.tail_cache_bytes.is_some() {
         c.tail_cache_bytes = a.tail_cache_bytes;

@@ -7,10 +7,12 @@
 
 pub mod catalog;
 pub mod conn;
+pub mod placement;
 pub mod shard;
 
 use crate::limits;
 use crate::storage::tail_cache::CacheMemory;
+pub use placement::PlacementMode;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,13 +27,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Shards (executors, one per core). 0 = every core.
     pub cores: usize,
-    /// Pin shard `i` to CPU `i`. Off by default: io_uring runs each fdatasync on a
-    /// kernel worker that inherits its shard's CPU, and a shard pinned to the CPU
-    /// that takes the disk's interrupts kept that worker waiting for the scheduler
-    /// tick, so fsync acknowledgements took 4 ms instead of 0.75 ms (measured with
-    /// one shard on each CPU of the development machine). Pin only with the disk
-    /// interrupts and the io_uring workers kept off the shards' CPUs.
-    pub pin_shards: bool,
+    /// Which CPUs the shards run on (see [`placement`]). `auto` keeps them off the
+    /// CPUs that take the data disk's interrupts, and with `cores` 0 runs one shard
+    /// per remaining CPU.
+    pub placement: PlacementMode,
     pub max_connections: usize,
     pub max_frame_bytes: usize,
     /// Requests one connection may have in flight.
@@ -58,7 +57,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], limits::DEFAULT_PORT)),
             data_dir: PathBuf::from("ringbus-data"),
             cores: 0,
-            pin_shards: false,
+            placement: PlacementMode::Auto,
             max_connections: limits::CONNECTIONS_MAX_DEFAULT,
             max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
             max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
@@ -87,14 +86,6 @@ impl ServerConfig {
             crate::storage::io::physical_memory_bytes().unwrap_or(0)
                 / limits::TAIL_CACHE_RAM_DIVISOR
         })
-    }
-
-    pub fn shard_count(&self) -> usize {
-        if self.cores == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            self.cores
-        }
     }
 }
 
@@ -129,9 +120,16 @@ impl Broker {
     /// Opens the data directory, recovers every partition and starts the shards;
     /// returns once all of them are listening.
     pub fn start(mut config: ServerConfig) -> anyhow::Result<Broker> {
-        let shards = config.shard_count();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
+        let irq_cpus = placement::disk_irq_cpus(&config.data_dir);
+        let plan = placement::plan(
+            config.placement,
+            config.cores,
+            &placement::allowed_cpus(),
+            &irq_cpus,
+        );
+        let shards = plan.len();
         let lock = crate::storage::io::lock_dir(&config.data_dir).map_err(|e| {
             anyhow::anyhow!(
                 "data directory {} is in use by another broker ({e})",
@@ -187,16 +185,14 @@ impl Broker {
         );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut executors = Vec::new();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for id in 0..shards {
+        for (id, cpu) in plan.iter().enumerate() {
             let shared = shared.clone();
             let mesh = mesh.clone();
             let catalog = catalog.clone();
             let ready = ready_tx.clone();
-            let placement = if config.pin_shards && shards <= cpus {
-                glommio::Placement::Fixed(id)
-            } else {
-                glommio::Placement::Unbound
+            let placement = match *cpu {
+                Some(cpu) => glommio::Placement::Fixed(cpu),
+                None => glommio::Placement::Unbound,
             };
             let ex = crate::storage::uring::executor_builder(placement)
                 .name(&format!("shard-{id}"))
@@ -240,7 +236,8 @@ impl Broker {
         drop(probe);
         tracing::info!(
             addr = %config.listen, shards, data_dir = %config.data_dir.display(),
-            tail_cache_bytes = broker.shared.cache.budget(), "ringbus listening"
+            tail_cache_bytes = broker.shared.cache.budget(), ?plan, ?irq_cpus,
+            "ringbus listening"
         );
         Ok(broker)
     }
