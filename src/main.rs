@@ -90,7 +90,7 @@ struct ServeArgs {
     listen: Option<SocketAddr>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Shards, one per core (default: every core).
+    /// Shards (default: one per CPU free of the data disk's interrupts; see --placement).
     #[arg(long)]
     cores: Option<usize>,
     /// Where shards run: auto keeps them off the CPUs that take the data disk's

@@ -650,7 +650,11 @@ fn cli_quickstart() {
 fn connection_limit_and_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("ringbus.toml");
-    std::fs::write(&cfg, "max_connections = 2\nmax_frame_bytes = 4096\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "max_connections = 2\nmax_frame_bytes = 4096\nplacement = \"unpinned\"\n",
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let b = Broker::start_with(&data, &["--config", cfg.to_str().unwrap()]);
     let c1 = b.conn();

@@ -78,7 +78,7 @@ run() { # name, loadgen args...
 }
 run a --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
 run b --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability memory --duration "$DURATION" --warmup "$WARMUP"
-run c --producers 4 --partitions 4 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
+run c --broker-cores 2 --producers 4 --partitions 4 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
 run d --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up
 half=$(python3 -c "import json; print(int(json.load(open('$out/ringbus-a.json'))['produce_msgs_per_s'] / 2))")
 run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 500 --durability fsync --rate "$half" --duration "$DURATION" --warmup "$WARMUP"

@@ -25,7 +25,8 @@ use std::sync::Arc;
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Shards (executors, one per core). 0 = every core.
+    /// Shards (executors). 0: as many as `placement` chooses (auto: one per CPU
+    /// that does not take the data disk's interrupts).
     pub cores: usize,
     /// Which CPUs the shards run on (see [`placement`]). `auto` keeps them off the
     /// CPUs that take the data disk's interrupts, and with `cores` 0 runs one shard
