@@ -168,7 +168,11 @@ impl Broker {
             shards,
             connections: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
-            cache: CacheMemory::new(config.tail_cache_total(), limits::TAIL_CACHE_BLOCK_BYTES),
+            cache: CacheMemory::new(
+                config.tail_cache_total(),
+                limits::TAIL_CACHE_BLOCK_BYTES,
+                shards,
+            ),
         });
         // Touch the cache's memory off the shards' threads: first-touch faults cost
         // the shard that takes them far more than the copy itself.

@@ -103,9 +103,7 @@ pub fn disk_irq_cpus(dir: &Path) -> BTreeSet<usize> {
 fn irq_name_of(dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir).ok()?.dev();
-    // glibc's gnu_dev_major / gnu_dev_minor.
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
     let mut block = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
     if block.join("partition").exists() {
         block = block.parent()?.to_path_buf();

@@ -850,6 +850,8 @@ impl<B: LogIo> Partition<B> {
         self.written.fail(why.clone());
         self.durable.fail(why);
         self.fenced = Some((op, reason.clone()));
+        // The writer may be idle waiting for a kick; let it see the fence and stop.
+        self.kicks.advance(self.kicks.get() + 1);
         StorageError::Fenced { op, reason }
     }
 

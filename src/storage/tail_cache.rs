@@ -46,7 +46,12 @@ pub struct CacheMemory {
     budget: u64,
     /// The standard block size; only blocks of this size are pooled.
     block: usize,
+    /// Shards sharing the budget: a shard below `budget / shares` never evicts.
+    shares: u64,
     used: AtomicU64,
+    /// One block per segment cache that may still take appends: open blocks are
+    /// memory the published bytes do not count, so they get at most half the budget.
+    reserved: AtomicU64,
     free: Mutex<Vec<MmapMut>>,
     free_max: usize,
     /// Blocks mapped fresh (not reused) so far.
@@ -60,14 +65,17 @@ impl std::fmt::Debug for CacheMemory {
 }
 
 impl CacheMemory {
-    /// A cache of `budget` bytes in blocks of `block` bytes.
-    pub fn new(budget: u64, block: usize) -> Arc<CacheMemory> {
+    /// A cache of `budget` bytes in blocks of `block` bytes, shared by `shares`
+    /// shards.
+    pub fn new(budget: u64, block: usize, shares: usize) -> Arc<CacheMemory> {
         let block = block.max(1);
         let blocks = usize::try_from(budget / block as u64).unwrap_or(usize::MAX);
         Arc::new(CacheMemory {
             budget,
             block,
+            shares: shares.max(1) as u64,
             used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
             free: Mutex::new(Vec::new()),
             free_max: blocks.max(FREE_BLOCKS_MIN),
             mapped: AtomicU64::new(0),
@@ -223,6 +231,9 @@ struct Ledger {
     /// piece is gone already (its segment cache was cleared or dropped) is skipped.
     order: VecDeque<(Weak<RefCell<Pieces>>, u64, u64)>,
     next_id: u64,
+    /// Pieces of this shard still cached, and their bytes.
+    live: usize,
+    own_used: u64,
     evicted: u64,
     served: u64,
 }
@@ -240,6 +251,8 @@ impl CacheBudget {
             mem,
             order: VecDeque::new(),
             next_id: 0,
+            live: 0,
+            own_used: 0,
             evicted: 0,
             served: 0,
         })))
@@ -248,7 +261,7 @@ impl CacheBudget {
     /// A budget of `bytes` of its own, in blocks of `block` bytes (tests use small
     /// blocks to exercise eviction).
     pub fn with_block_bytes(bytes: u64, block: usize) -> CacheBudget {
-        Self::new(CacheMemory::new(bytes, block))
+        Self::new(CacheMemory::new(bytes, block, 1))
     }
 
     /// Bytes published and not yet evicted, across every shard.
@@ -279,7 +292,20 @@ impl CacheBudget {
     /// `None` when the budget is too small to hold even one block.
     pub(crate) fn segment_cache(&self, pos: u64) -> Option<SegmentCache> {
         let mem = self.0.borrow().mem.clone();
-        (mem.budget >= mem.block as u64).then(|| SegmentCache {
+        if mem.budget < mem.block as u64 {
+            return None;
+        }
+        // Reserve this cache's open block; past half the budget, segments go
+        // uncached (their reads use the maps) rather than overrun it.
+        let block = mem.block as u64;
+        let cap = (mem.budget / 2).max(block);
+        let reserved = mem
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r + block <= cap).then_some(r + block)
+            })
+            .is_ok();
+        reserved.then(|| SegmentCache {
             pieces: Rc::new(RefCell::new(Pieces {
                 pieces: VecDeque::new(),
                 bytes: 0,
@@ -288,16 +314,31 @@ impl CacheBudget {
             open_pos: pos,
             unpublished: 0,
             sealed: false,
+            reserved: true,
             block: mem.block,
             free: mem,
             budget: self.clone(),
         })
     }
 
-    /// Evicts this shard's oldest pieces while the total is over the budget.
+    /// Evicts this shard's oldest pieces while the total is over the budget and
+    /// this shard holds more than its fair share (so an idle shard's pieces cannot
+    /// starve a busy one of all cache; the total may then pass the budget by up to
+    /// one share). Also drops ledger entries of pieces already gone.
     fn trim(&self) {
         let mut l = self.0.borrow_mut();
-        while l.mem.used() > l.mem.budget {
+        let share = l.mem.budget / l.mem.shares;
+        if l.order.len() > 2 * l.live + 1024 {
+            l.order.retain(|(owner, id, _)| {
+                owner.upgrade().is_some_and(|o| {
+                    o.borrow()
+                        .pieces
+                        .front()
+                        .is_some_and(|(_, front, _)| front <= id)
+                })
+            });
+        }
+        while l.mem.used() > l.mem.budget && l.own_used > share {
             let Some((owner, id, len)) = l.order.pop_front() else {
                 return;
             };
@@ -310,6 +351,8 @@ impl CacheBudget {
                 p.pieces.pop_front();
                 p.bytes -= len;
                 l.mem.used.fetch_sub(len, Ordering::Relaxed);
+                l.own_used -= len;
+                l.live -= 1;
                 l.evicted += len;
             }
         }
@@ -343,6 +386,8 @@ pub(crate) struct SegmentCache {
     unpublished: u64,
     /// No more appends will come (the segment was sealed).
     sealed: bool,
+    /// Holds one block of [`CacheMemory::reserved`] until released.
+    reserved: bool,
     block: usize,
     free: FreeBlocks,
     budget: CacheBudget,
@@ -389,12 +434,19 @@ impl SegmentCache {
             .saturating_sub(self.open_pos)
             .min(self.unpublished);
         while n > 0 {
+            // A block frozen to its end is done with (it kept no empty piece).
+            while self.opens.len() > 1 && self.opens.front().is_some_and(|o| o.frozen == o.filled) {
+                self.opens.pop_front();
+            }
             let o = self
                 .opens
                 .front_mut()
                 .expect("unpublished bytes sit in a block");
             // Whole batches: each lies in one block and `written_len` ends one.
             let k = (n as usize).min(o.filled - o.frozen);
+            if k == 0 {
+                break;
+            }
             let piece = Bytes::from_owner(Frozen {
                 block: o.block.clone(),
                 start: o.frozen,
@@ -414,6 +466,8 @@ impl SegmentCache {
                 let id = l.next_id;
                 l.next_id += 1;
                 l.mem.used.fetch_add(k, Ordering::Relaxed);
+                l.own_used += k;
+                l.live += 1;
                 l.order.push_back((Rc::downgrade(&self.pieces), id, k));
                 id
             };
@@ -435,6 +489,15 @@ impl SegmentCache {
     fn release_if_done(&mut self) {
         if self.sealed && self.unpublished == 0 {
             self.opens.clear();
+            self.unreserve();
+        }
+    }
+
+    fn unreserve(&mut self) {
+        if std::mem::take(&mut self.reserved) {
+            self.free
+                .reserved
+                .fetch_sub(self.block as u64, Ordering::Relaxed);
         }
     }
 
@@ -470,8 +533,14 @@ impl SegmentCache {
     fn clear(&mut self) {
         let mut p = self.pieces.borrow_mut();
         let freed = p.bytes;
+        let pieces = p.pieces.len();
         p.pieces.clear();
         p.bytes = 0;
+        {
+            let mut l = self.budget.0.borrow_mut();
+            l.own_used -= freed;
+            l.live -= pieces;
+        }
         // The ledger's entries for these pieces no longer match a front piece and
         // are skipped when they come up.
         self.free.used.fetch_sub(freed, Ordering::Relaxed);
@@ -481,6 +550,7 @@ impl SegmentCache {
 impl Drop for SegmentCache {
     fn drop(&mut self) {
         self.clear();
+        self.unreserve();
     }
 }
 
@@ -520,11 +590,12 @@ mod tests {
 
     #[test]
     fn oldest_pieces_go_first_across_segments_and_readers_keep_theirs() {
-        let block = 1 << 20;
-        let budget = CacheBudget::with_block_bytes(2 * block as u64, block);
+        // Batches of two blocks (each gets a block of its own) under 8 blocks.
+        let block = 64 << 10;
+        let budget = CacheBudget::with_block_bytes(8 * block as u64, block);
         let mut a = budget.segment_cache(0).unwrap();
         let mut b = budget.segment_cache(0).unwrap();
-        let big = batch(block / 2, 7);
+        let big = batch(2 * block, 7);
         a.append(0, &big[..1], &big[1..]);
         a.publish(big.len() as u64);
         let held = a.region(0, u64::MAX).unwrap();
@@ -533,8 +604,9 @@ mod tests {
             b.append(pos, &big[..1], &big[1..]);
             b.publish(pos + big.len() as u64);
         }
-        // 5 half blocks published into a budget of 4: a's (the oldest) went.
-        assert_eq!(budget.used(), 2 * block as u64);
+        // 5 pieces of 2 blocks published into a budget of 8 blocks: a's (the
+        // oldest) went.
+        assert_eq!(budget.used(), 8 * block as u64);
         assert_eq!(budget.evicted(), big.len() as u64);
         assert!(a.region(0, u64::MAX).is_none());
         assert!(b.region(0, u64::MAX).is_some());
@@ -573,7 +645,7 @@ mod tests {
     #[test]
     fn prefault_fills_the_pool_and_appends_reuse_it() {
         let block = 16 * 1024;
-        let mem = CacheMemory::new(8 * block as u64, block);
+        let mem = CacheMemory::new(8 * block as u64, block, 1);
         assert!(!mem.is_warm());
         let added = mem.prefault(&AtomicBool::new(false)).unwrap();
         assert!(mem.is_warm());
@@ -623,6 +695,68 @@ mod tests {
         assert!(c.region(0, u64::MAX).is_none());
         assert_eq!(c.region(100, u64::MAX).unwrap().len(), 8);
         assert_eq!(budget.used(), 8);
+    }
+
+    #[test]
+    fn open_blocks_take_at_most_half_the_budget_and_come_back() {
+        let block = 16 * 1024;
+        let budget = CacheBudget::with_block_bytes(8 * block as u64, block);
+        let caches: Vec<_> = (0..4).map(|_| budget.segment_cache(0).unwrap()).collect();
+        assert!(
+            budget.segment_cache(0).is_none(),
+            "a fifth open block would pass half"
+        );
+        drop(caches);
+        let mut c = budget.segment_cache(0).unwrap();
+        c.append(0, &[1; 10], &[2; 90]);
+        c.publish(100);
+        c.seal();
+        let more: Vec<_> = (0..4).map(|_| budget.segment_cache(0)).collect();
+        assert!(
+            more.iter().all(Option::is_some),
+            "a sealed, published cache let go"
+        );
+        assert_eq!(c.region(0, u64::MAX).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn an_idle_shard_cannot_take_a_busy_ones_whole_share() {
+        let block = 16 * 1024;
+        let mem = CacheMemory::new(8 * block as u64, block, 2);
+        let idle = CacheBudget::new(mem.clone());
+        let busy = CacheBudget::new(mem.clone());
+        let mut i = idle.segment_cache(0).unwrap();
+        let b = batch(1000, 1);
+        for k in 0..131u64 {
+            i.append(k * 1000, &b[..10], &b[10..]);
+            i.publish((k + 1) * 1000);
+        }
+        assert!(mem.used() <= 8 * block as u64);
+        let mut c = busy.segment_cache(0).unwrap();
+        for k in 0..200u64 {
+            c.append(k * 1000, &b[..10], &b[10..]);
+            c.publish((k + 1) * 1000);
+        }
+        // The busy shard keeps about its share (half) instead of nothing.
+        assert!(c.region(199 * 1000, u64::MAX).is_some());
+        assert!(busy.evicted() > 0 && idle.evicted() == 0);
+        assert!(mem.used() <= 8 * block as u64 + 4 * block as u64);
+    }
+
+    #[test]
+    fn the_ledger_forgets_pieces_of_dropped_segments() {
+        let block = 16 * 1024;
+        let budget = CacheBudget::with_block_bytes(1 << 30, block);
+        let b = batch(100, 1);
+        for _ in 0..100 {
+            let mut c = budget.segment_cache(0).unwrap();
+            for k in 0..50u64 {
+                c.append(k * 100, &b[..10], &b[10..]);
+                c.publish((k + 1) * 100);
+            }
+        }
+        assert_eq!(budget.used(), 0);
+        assert!(budget.0.borrow().order.len() <= 2 * 50 + 1024 + 1);
     }
 
     #[test]
