@@ -1114,8 +1114,14 @@ impl<B: LogIo> Segment<B> {
                 pushed_to = pos;
             }
             let at = &region[(pos - region_pos) as usize..];
-            let len = batch::check_header_and_crc(at)
-                .map_err(|e| StorageError::at(&self.path, pos, e))?;
+            // Bytes from the disk are checked whole; cached bytes are the batch that
+            // append validated (CRC included) and copied, so their header suffices.
+            let len = if from_map {
+                batch::check_header_and_crc(at)
+            } else {
+                batch::check_header(at)
+            }
+            .map_err(|e| StorageError::at(&self.path, pos, e))?;
             if (pos > start || !at_least_one) && (pos - start) + len as u64 > max_bytes as u64 {
                 break;
             }
