@@ -205,7 +205,8 @@ impl Broker {
                     crate::storage::uring::spawn_heartbeat();
                     // A queue whose latency matters: wakes from other threads (replies
                     // crossing shards) then kick a sleeping reactor at once instead of
-                    // waiting for its next poll (measured: 4 ms per cross-shard reply).
+                    // waiting for its next poll (docs/ARCHITECTURE.md, "Waking across
+                    // shards").
                     let tq = glommio::executor().create_task_queue(
                         glommio::Shares::default(),
                         glommio::Latency::Matters(std::time::Duration::from_millis(1)),

@@ -7,10 +7,12 @@
 //! from the kernel's page cache; Redpanda keeps a batch cache like this one.
 //!
 //! What it owns:
-//! - [`CacheBudget`]: one per shard (or per test): the bytes every cache under it may
-//!   hold together, and the order in which pieces were published, oldest first. When
-//!   the total passes the budget the oldest pieces go, from whichever segment holds
-//!   them: the cache keeps the most recently written data.
+//! - [`CacheMemory`]: one per broker: the budget, the bytes published under it, and
+//!   the pool of blocks waiting for reuse.
+//! - [`CacheBudget`]: one shard's view of it: the shard's pieces in the order they
+//!   were published. While the total is over the budget, a shard holding more than
+//!   its fair share evicts its own oldest pieces: the cache keeps the most recently
+//!   written data.
 //! - [`SegmentCache`]: one per segment that was written since the broker started. An
 //!   append copies the batch (with its stamped base offset) into an open block; when
 //!   the batch's write completes, [`SegmentCache::publish`] freezes the written prefix
@@ -116,8 +118,7 @@ impl CacheMemory {
     pub fn prefault(&self, stop: &AtomicBool) -> std::io::Result<usize> {
         let mut added = 0;
         while !self.is_warm() && !stop.load(Ordering::Relaxed) {
-            let mut m = map_block(self.block)?;
-            self.mapped.fetch_add(1, Ordering::Relaxed);
+            let mut m = self.map(self.block)?;
             for i in (0..m.len()).step_by(4096) {
                 m[i] = 0;
             }
@@ -126,16 +127,35 @@ impl CacheMemory {
         }
         Ok(added)
     }
-}
 
-fn map_block(len: usize) -> std::io::Result<MmapMut> {
-    let m = MmapMut::map_anon(len)?;
-    // Fewer, larger faults; advisory, so a refusal changes nothing.
-    let _ = m.advise(memmap2::Advice::HugePage);
-    Ok(m)
-}
+    /// A block of `len` bytes: a pooled one when `len` is the standard size and the
+    /// pool has one, otherwise a fresh map.
+    fn take(&self, len: usize) -> std::io::Result<MmapMut> {
+        let pooled = if len == self.block {
+            self.free().pop()
+        } else {
+            None
+        };
+        pooled.map_or_else(|| self.map(len), Ok)
+    }
 
-type FreeBlocks = Arc<CacheMemory>;
+    /// Returns a block to the pool; oversized ones and those past the pool's limit
+    /// are unmapped.
+    fn give_back(&self, m: MmapMut) {
+        let mut f = self.free();
+        if f.len() < self.free_max && m.len() == self.block {
+            f.push(m);
+        }
+    }
+
+    fn map(&self, len: usize) -> std::io::Result<MmapMut> {
+        let m = MmapMut::map_anon(len)?;
+        self.mapped.fetch_add(1, Ordering::Relaxed);
+        // Fewer, larger faults; advisory, so a refusal changes nothing.
+        let _ = m.advise(memmap2::Advice::HugePage);
+        Ok(m)
+    }
+}
 
 /// A block of cache memory: written front to back by one [`SegmentCache`], read
 /// through [`Frozen`] slices of the part already written.
@@ -144,7 +164,8 @@ struct Block {
     ptr: *mut u8,
     len: usize,
     mem: Option<MmapMut>,
-    free: FreeBlocks,
+    /// Where `mem` goes back to when the block drops.
+    pool: Arc<CacheMemory>,
 }
 
 // SAFETY: the raw pointer refers to `mem`, which the block owns and which lives as
@@ -156,24 +177,13 @@ unsafe impl Send for Block {}
 unsafe impl Sync for Block {}
 
 impl Block {
-    fn new(len: usize, free: &FreeBlocks) -> std::io::Result<Block> {
-        let reused = if len == free.block {
-            free.free().pop()
-        } else {
-            None
-        };
-        let mut mem = match reused {
-            Some(m) => m,
-            None => {
-                free.mapped.fetch_add(1, Ordering::Relaxed);
-                map_block(len)?
-            }
-        };
+    fn new(len: usize, pool: &Arc<CacheMemory>) -> std::io::Result<Block> {
+        let mut mem = pool.take(len)?;
         Ok(Block {
             ptr: mem.as_mut_ptr(),
             len,
             mem: Some(mem),
-            free: free.clone(),
+            pool: pool.clone(),
         })
     }
 
@@ -194,11 +204,7 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         if let Some(m) = self.mem.take() {
-            let mut f = self.free.free();
-            // Oversized blocks (for a batch larger than a block) are not kept.
-            if f.len() < self.free.free_max && m.len() == self.free.block {
-                f.push(m);
-            }
+            self.pool.give_back(m);
         }
     }
 }
@@ -220,8 +226,8 @@ impl AsRef<[u8]> for Frozen {
 
 /// One shard's view of the cache: its pieces in the order they were published, so
 /// that it evicts its own oldest first, and its counters. Several shards share one
-/// [`CacheMemory`]; a shard evicts while the total is over the budget, so one busy
-/// partition may use the whole budget while the others are idle.
+/// [`CacheMemory`]; one busy partition may use the whole budget while the others
+/// are idle.
 #[derive(Clone)]
 pub struct CacheBudget(Rc<RefCell<Ledger>>);
 
@@ -315,8 +321,7 @@ impl CacheBudget {
             unpublished: 0,
             sealed: false,
             reserved: true,
-            block: mem.block,
-            free: mem,
+            mem,
             budget: self.clone(),
         })
     }
@@ -388,8 +393,7 @@ pub(crate) struct SegmentCache {
     sealed: bool,
     /// Holds one block of [`CacheMemory::reserved`] until released.
     reserved: bool,
-    block: usize,
-    free: FreeBlocks,
+    mem: Arc<CacheMemory>,
     budget: CacheBudget,
 }
 
@@ -406,7 +410,7 @@ impl SegmentCache {
         let room = self.opens.back().map_or(0, |o| o.block.len - o.filled);
         if room < len {
             // A batch never spans two blocks.
-            let Ok(block) = Block::new(self.block.max(len), &self.free) else {
+            let Ok(block) = Block::new(self.mem.block.max(len), &self.mem) else {
                 self.restart(pos + len as u64);
                 return;
             };
@@ -495,9 +499,9 @@ impl SegmentCache {
 
     fn unreserve(&mut self) {
         if std::mem::take(&mut self.reserved) {
-            self.free
+            self.mem
                 .reserved
-                .fetch_sub(self.block as u64, Ordering::Relaxed);
+                .fetch_sub(self.mem.block as u64, Ordering::Relaxed);
         }
     }
 
@@ -543,7 +547,7 @@ impl SegmentCache {
         }
         // The ledger's entries for these pieces no longer match a front piece and
         // are skipped when they come up.
-        self.free.used.fetch_sub(freed, Ordering::Relaxed);
+        self.mem.used.fetch_sub(freed, Ordering::Relaxed);
     }
 }
 
