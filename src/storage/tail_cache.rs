@@ -10,9 +10,11 @@
 //! - [`CacheMemory`]: one per broker: the budget, the bytes published under it, and
 //!   the pool of blocks waiting for reuse.
 //! - [`CacheBudget`]: one shard's view of it: the shard's pieces in the order they
-//!   were published. While the total is over the budget, a shard holding more than
-//!   its fair share evicts its own oldest pieces: the cache keeps the most recently
-//!   written data.
+//!   were published. Memory is counted in whole blocks, as taken: a shard that needs
+//!   a block while the blocks out would pass the budget, and that holds more than
+//!   its fair share, first evicts its own oldest pieces until one of its blocks comes
+//!   back. The cache keeps the most recently written data, and a full cache recycles
+//!   its own blocks instead of mapping (and zeroing) new ones.
 //! - [`SegmentCache`]: one per segment that was written since the broker started. An
 //!   append copies the batch (with its stamped base offset) into an open block; when
 //!   the batch's write completes, [`SegmentCache::publish`] freezes the written prefix
@@ -50,7 +52,12 @@ pub struct CacheMemory {
     block: usize,
     /// Shards sharing the budget: a shard below `budget / shares` never evicts.
     shares: u64,
+    /// Bytes published and not yet evicted (what readers can be served).
     used: AtomicU64,
+    /// Bytes of blocks taken from the pool or mapped, and not yet given back: the
+    /// memory the budget bounds, including open blocks, the unused end of each block
+    /// and blocks that readers still hold after eviction.
+    held: AtomicU64,
     /// One block per segment cache that may still take appends: open blocks are
     /// memory the published bytes do not count, so they get at most half the budget.
     reserved: AtomicU64,
@@ -77,6 +84,7 @@ impl CacheMemory {
             block,
             shares: shares.max(1) as u64,
             used: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             free: Mutex::new(Vec::new()),
             free_max: blocks.max(FREE_BLOCKS_MIN),
@@ -93,6 +101,11 @@ impl CacheMemory {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Bytes of blocks in use (taken and not given back), across every shard.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// Blocks mapped so far (every other block used was recycled).
     pub fn blocks_mapped(&self) -> u64 {
         self.mapped.load(Ordering::Relaxed)
@@ -102,11 +115,11 @@ impl CacheMemory {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether the pool plus the cached bytes cover the budget (nothing is left
+    /// Whether the pool plus the blocks in use cover the budget (nothing is left
     /// for [`CacheMemory::prefault`] to do).
     pub fn is_warm(&self) -> bool {
         self.budget < self.block as u64
-            || (self.free().len() * self.block) as u64 + self.used() + self.block as u64
+            || (self.free().len() * self.block) as u64 + self.held() + self.block as u64
                 > self.budget
     }
 
@@ -128,20 +141,33 @@ impl CacheMemory {
         Ok(added)
     }
 
-    /// A block of `len` bytes: a pooled one when `len` is the standard size and the
-    /// pool has one, otherwise a fresh map.
-    fn take(&self, len: usize) -> std::io::Result<MmapMut> {
-        let pooled = if len == self.block {
+    /// A pooled block, when `len` is the standard size and the pool has one.
+    fn take_pooled(&self, len: usize) -> Option<MmapMut> {
+        let m = if len == self.block {
             self.free().pop()
         } else {
             None
-        };
-        pooled.map_or_else(|| self.map(len), Ok)
+        }?;
+        self.held.fetch_add(len as u64, Ordering::Relaxed);
+        Some(m)
+    }
+
+    /// A freshly mapped block of `len` bytes.
+    fn take_fresh(&self, len: usize) -> std::io::Result<MmapMut> {
+        let m = self.map(len)?;
+        self.held.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(m)
+    }
+
+    /// Whether a new block of `len` bytes stays within the budget.
+    fn fits(&self, len: usize) -> bool {
+        self.held() + len as u64 <= self.budget
     }
 
     /// Returns a block to the pool; oversized ones and those past the pool's limit
     /// are unmapped.
     fn give_back(&self, m: MmapMut) {
+        self.held.fetch_sub(m.len() as u64, Ordering::Relaxed);
         let mut f = self.free();
         if f.len() < self.free_max && m.len() == self.block {
             f.push(m);
@@ -166,6 +192,8 @@ struct Block {
     mem: Option<MmapMut>,
     /// Where `mem` goes back to when the block drops.
     pool: Arc<CacheMemory>,
+    /// The taking shard's count of bytes in its blocks (see [`Ledger::held`]).
+    owner: Arc<AtomicU64>,
 }
 
 // SAFETY: the raw pointer refers to `mem`, which the block owns and which lives as
@@ -177,14 +205,16 @@ unsafe impl Send for Block {}
 unsafe impl Sync for Block {}
 
 impl Block {
-    fn new(len: usize, pool: &Arc<CacheMemory>) -> std::io::Result<Block> {
-        let mut mem = pool.take(len)?;
-        Ok(Block {
+    /// Wraps `mem`, already counted in the pool's and `owner`'s held bytes.
+    fn new(mut mem: MmapMut, pool: &Arc<CacheMemory>, owner: &Arc<AtomicU64>) -> Block {
+        owner.fetch_add(mem.len() as u64, Ordering::Relaxed);
+        Block {
             ptr: mem.as_mut_ptr(),
-            len,
+            len: mem.len(),
             mem: Some(mem),
             pool: pool.clone(),
-        })
+            owner: owner.clone(),
+        }
     }
 
     /// Copies `src` to `at`.
@@ -204,6 +234,7 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         if let Some(m) = self.mem.take() {
+            self.owner.fetch_sub(m.len() as u64, Ordering::Relaxed);
             self.pool.give_back(m);
         }
     }
@@ -237,9 +268,12 @@ struct Ledger {
     /// piece is gone already (its segment cache was cleared or dropped) is skipped.
     order: VecDeque<(Weak<RefCell<Pieces>>, u64, u64)>,
     next_id: u64,
-    /// Pieces of this shard still cached, and their bytes.
+    /// Pieces of this shard still cached.
     live: usize,
-    own_used: u64,
+    /// Bytes of the blocks this shard took and that have not come back yet (a block
+    /// comes back when its last piece is evicted and its last reader lets go, on
+    /// whatever thread that happens).
+    held: Arc<AtomicU64>,
     evicted: u64,
     served: u64,
 }
@@ -258,7 +292,7 @@ impl CacheBudget {
             order: VecDeque::new(),
             next_id: 0,
             live: 0,
-            own_used: 0,
+            held: Arc::new(AtomicU64::new(0)),
             evicted: 0,
             served: 0,
         })))
@@ -326,13 +360,42 @@ impl CacheBudget {
         })
     }
 
-    /// Evicts this shard's oldest pieces while the total is over the budget and
-    /// this shard holds more than its fair share (so an idle shard's pieces cannot
-    /// starve a busy one of all cache; the total may then pass the budget by up to
-    /// one share). Also drops ledger entries of pieces already gone.
-    fn trim(&self) {
+    /// A block of `len` bytes for one of this shard's segment caches, within the
+    /// budget: from the pool, or freshly mapped while the blocks in use leave room.
+    /// When they do not and this shard holds more than its fair share, it evicts
+    /// its own oldest pieces until one of its blocks comes back. A shard within its
+    /// share may pass the budget instead (so idle shards holding the rest cannot
+    /// starve it; the total then passes the budget by up to one share). `None` when
+    /// neither works: the caller goes uncached until the next block.
+    fn take_block(&self, len: usize) -> Option<Block> {
         let mut l = self.0.borrow_mut();
-        let share = l.mem.budget / l.mem.shares;
+        let mem = l.mem.clone();
+        let share = mem.budget / mem.shares;
+        let within_share = |l: &Ledger| l.held.load(Ordering::Relaxed) + len as u64 <= share;
+        loop {
+            if mem.fits(len) || within_share(&l) {
+                if let Some(m) = mem.take_pooled(len) {
+                    return Some(Block::new(m, &mem, &l.held));
+                }
+                return mem
+                    .take_fresh(len)
+                    .ok()
+                    .map(|m| Block::new(m, &mem, &l.held));
+            }
+            if let Some(m) = mem.take_pooled(len) {
+                // Another shard's block came back meanwhile.
+                return Some(Block::new(m, &mem, &l.held));
+            }
+            if !l.evict_oldest() {
+                return None;
+            }
+        }
+    }
+
+    /// Drops ledger entries of pieces already gone, once they outnumber the live
+    /// ones (segment caches cleared or dropped leave theirs behind).
+    fn compact(&self) {
+        let mut l = self.0.borrow_mut();
         if l.order.len() > 2 * l.live + 1024 {
             l.order.retain(|(owner, id, _)| {
                 owner.upgrade().is_some_and(|o| {
@@ -343,24 +406,32 @@ impl CacheBudget {
                 })
             });
         }
-        while l.mem.used() > l.mem.budget && l.own_used > share {
-            let Some((owner, id, len)) = l.order.pop_front() else {
-                return;
-            };
+    }
+}
+
+impl Ledger {
+    /// Evicts this shard's oldest piece (skipping entries of pieces already gone).
+    /// Returns false when nothing is left to evict.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((owner, id, len)) = self.order.pop_front() {
             // A dropped or cleared cache returned its bytes already.
             let Some(owner) = owner.upgrade() else {
                 continue;
             };
             let mut p = owner.borrow_mut();
             if p.pieces.front().is_some_and(|(_, front, _)| *front == id) {
-                p.pieces.pop_front();
+                // Dropping the piece may return its block to the pool right here.
+                let piece = p.pieces.pop_front();
                 p.bytes -= len;
-                l.mem.used.fetch_sub(len, Ordering::Relaxed);
-                l.own_used -= len;
-                l.live -= 1;
-                l.evicted += len;
+                self.mem.used.fetch_sub(len, Ordering::Relaxed);
+                self.live -= 1;
+                self.evicted += len;
+                drop(p);
+                drop(piece);
+                return true;
             }
         }
+        false
     }
 }
 
@@ -410,7 +481,7 @@ impl SegmentCache {
         let room = self.opens.back().map_or(0, |o| o.block.len - o.filled);
         if room < len {
             // A batch never spans two blocks.
-            let Ok(block) = Block::new(self.mem.block.max(len), &self.mem) else {
+            let Some(block) = self.budget.take_block(self.mem.block.max(len)) else {
                 self.restart(pos + len as u64);
                 return;
             };
@@ -470,7 +541,6 @@ impl SegmentCache {
                 let id = l.next_id;
                 l.next_id += 1;
                 l.mem.used.fetch_add(k, Ordering::Relaxed);
-                l.own_used += k;
                 l.live += 1;
                 l.order.push_back((Rc::downgrade(&self.pieces), id, k));
                 id
@@ -480,7 +550,7 @@ impl SegmentCache {
             p.bytes += k;
         }
         self.release_if_done();
-        self.budget.trim();
+        self.budget.compact();
     }
 
     /// No more appends: once everything is published, the last block is released
@@ -540,11 +610,7 @@ impl SegmentCache {
         let pieces = p.pieces.len();
         p.pieces.clear();
         p.bytes = 0;
-        {
-            let mut l = self.budget.0.borrow_mut();
-            l.own_used -= freed;
-            l.live -= pieces;
-        }
+        self.budget.0.borrow_mut().live -= pieces;
         // The ledger's entries for these pieces no longer match a front piece and
         // are skipped when they come up.
         self.mem.used.fetch_sub(freed, Ordering::Relaxed);
@@ -608,12 +674,15 @@ mod tests {
             b.append(pos, &big[..1], &big[1..]);
             b.publish(pos + big.len() as u64);
         }
-        // 5 pieces of 2 blocks published into a budget of 8 blocks: a's (the
-        // oldest) went.
-        assert_eq!(budget.used(), 8 * block as u64);
-        assert_eq!(budget.evicted(), big.len() as u64);
+        // 5 pieces of 2 blocks each into a budget of 8 blocks: a's piece (the
+        // oldest) went first, but `held` still pins its memory, so b's oldest had
+        // to go as well before a fifth piece fitted.
+        assert_eq!(budget.evicted(), 2 * big.len() as u64);
         assert!(a.region(0, u64::MAX).is_none());
-        assert!(b.region(0, u64::MAX).is_some());
+        assert!(b.region(0, u64::MAX).is_none());
+        assert!(b.region(big.len() as u64, u64::MAX).is_some());
+        assert_eq!(budget.used(), 3 * big.len() as u64);
+        assert!(budget.0.borrow().mem.held() <= 8 * block as u64);
         assert_eq!(held.len(), big.len());
         assert!(
             held.iter().all(|&x| x == 7),
@@ -670,6 +739,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_cache_recycles_its_blocks_instead_of_mapping_more() {
+        // Batches that leave the end of each block unused, and segments that roll
+        // mid-block: published bytes stay below the budget while the blocks holding
+        // them fill it. The cache must then evict and reuse, not map fresh memory
+        // (first-touch zeroing on the shard's thread stalled appends for 10 ms a
+        // block on the development machine).
+        let block = 16 * 1024;
+        let mem = CacheMemory::new(8 * block as u64, block, 1);
+        let added = mem.prefault(&AtomicBool::new(false)).unwrap() as u64;
+        let budget = CacheBudget::new(mem.clone());
+        let b = batch(1500, 9);
+        let mut segments = Vec::new();
+        for seg in 0..20u64 {
+            let mut c = budget.segment_cache(0).unwrap();
+            for i in 0..25u64 {
+                c.append(i * 1500, &b[..10], &b[10..]);
+                c.publish((i + 1) * 1500);
+            }
+            c.seal();
+            assert!(c.region(24 * 1500, u64::MAX).is_some(), "segment {seg}");
+            assert!(mem.held() <= mem.budget(), "held {}", mem.held());
+            // Keep the segment's pieces cached, as a partition keeps its segments.
+            segments.push(c);
+        }
+        assert_eq!(mem.blocks_mapped(), added, "no block mapped after the pool");
+        assert!(budget.evicted() > 0);
+    }
+
+    #[test]
     fn blocks_are_recycled_once_evicted() {
         let block = 16 * 1024;
         let budget = CacheBudget::with_block_bytes(4 * block as u64, block);
@@ -679,10 +777,9 @@ mod tests {
             c.append(i * 1000, &b[..10], &b[10..]);
             c.publish((i + 1) * 1000);
         }
-        // 2 MB through a 64 KiB budget: the blocks in the budget, one open, one
-        // spare at most.
+        // 2 MB through a 64 KiB budget: never more blocks than the budget holds.
         assert!(
-            budget.blocks_mapped() <= 6,
+            budget.blocks_mapped() <= 4,
             "mapped {}",
             budget.blocks_mapped()
         );
@@ -731,7 +828,8 @@ mod tests {
         let busy = CacheBudget::new(mem.clone());
         let mut i = idle.segment_cache(0).unwrap();
         let b = batch(1000, 1);
-        for k in 0..131u64 {
+        // 16 batches fill a block: 120 take the idle shard to 8 blocks, the budget.
+        for k in 0..120u64 {
             i.append(k * 1000, &b[..10], &b[10..]);
             i.publish((k + 1) * 1000);
         }
@@ -744,7 +842,7 @@ mod tests {
         // The busy shard keeps about its share (half) instead of nothing.
         assert!(c.region(199 * 1000, u64::MAX).is_some());
         assert!(busy.evicted() > 0 && idle.evicted() == 0);
-        assert!(mem.used() <= 8 * block as u64 + 4 * block as u64);
+        assert!(mem.held() <= 8 * block as u64 + 4 * block as u64);
     }
 
     #[test]
