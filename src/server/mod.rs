@@ -124,12 +124,9 @@ impl Broker {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
         let irq_cpus = placement::disk_irq_cpus(&config.data_dir);
-        let plan = placement::plan(
-            config.placement,
-            config.cores,
-            &placement::allowed_cpus(),
-            &irq_cpus,
-        );
+        let cpus = placement::allowed_cpus();
+        let plan = placement::plan(config.placement, config.cores, &cpus, &irq_cpus);
+        let io_cpus = placement::io_worker_cpus(&plan, &cpus);
         let shards = plan.len();
         let lock = crate::storage::io::lock_dir(&config.data_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -195,6 +192,7 @@ impl Broker {
             let mesh = mesh.clone();
             let catalog = catalog.clone();
             let ready = ready_tx.clone();
+            let io_cpus = io_cpus.clone();
             let placement = match *cpu {
                 Some(cpu) => glommio::Placement::Fixed(cpu),
                 None => glommio::Placement::Unbound,
@@ -203,6 +201,12 @@ impl Broker {
                 .name(&format!("shard-{id}"))
                 .spawn(move || async move {
                     crate::storage::uring::spawn_heartbeat();
+                    if let Some(cpus) = &io_cpus {
+                        if let Err(e) = crate::storage::uring::set_io_worker_cpus(cpus) {
+                            tracing::warn!(shard = id, ?cpus, error = %e,
+                                "could not move io_uring workers off the shard's CPU");
+                        }
+                    }
                     // A queue whose latency matters: wakes from other threads (replies
                     // crossing shards) then kick a sleeping reactor at once instead of
                     // waiting for its next poll (docs/ARCHITECTURE.md, "Waking across
@@ -242,7 +246,7 @@ impl Broker {
         drop(probe);
         tracing::info!(
             addr = %config.listen, shards, data_dir = %config.data_dir.display(),
-            tail_cache_bytes = broker.shared.cache.budget(), ?plan, ?irq_cpus,
+            tail_cache_bytes = broker.shared.cache.budget(), ?plan, ?irq_cpus, ?io_cpus,
             "ringbus listening"
         );
         Ok(broker)

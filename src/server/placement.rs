@@ -61,6 +61,22 @@ pub fn plan(mode: PlacementMode, cores: usize, cpus: &[usize], irq_cpus: &BTreeS
     }
 }
 
+/// Where the io_uring workers of pinned shards should run (fdatasync runs on
+/// them): the allowed CPUs that no shard is pinned to. `None` when no shard is
+/// pinned or every CPU has one; the workers then keep their default.
+pub fn io_worker_cpus(plan: &Plan, cpus: &[usize]) -> Option<Vec<usize>> {
+    let pinned: BTreeSet<usize> = plan.iter().flatten().copied().collect();
+    if pinned.is_empty() {
+        return None;
+    }
+    let free: Vec<usize> = cpus
+        .iter()
+        .copied()
+        .filter(|c| !pinned.contains(c))
+        .collect();
+    (!free.is_empty()).then_some(free)
+}
+
 /// The CPUs this process may run on, in order.
 pub fn allowed_cpus() -> Vec<usize> {
     std::fs::read_to_string("/proc/self/status")
@@ -168,6 +184,20 @@ mod tests {
  52:          0       1000 PCI-MSIX-0000:00:04.0   2-edge      nvme0q2
 NMI:          0          0   Non-maskable interrupts
 ";
+
+    #[test]
+    fn io_workers_go_to_the_cpus_without_a_shard() {
+        let cpus = [0, 1, 2, 3];
+        assert_eq!(
+            io_worker_cpus(&vec![Some(0), Some(2)], &cpus),
+            Some(vec![1, 3])
+        );
+        assert_eq!(io_worker_cpus(&vec![None, None], &cpus), None);
+        assert_eq!(
+            io_worker_cpus(&vec![Some(0), Some(1), Some(2), Some(3)], &cpus),
+            None
+        );
+    }
 
     #[test]
     fn finds_the_disks_irqs_by_driver_name() {
