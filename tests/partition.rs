@@ -7,6 +7,7 @@ use common::*;
 use proptest::prelude::*;
 use ringbus::batch::BatchRef;
 use ringbus::storage::io::{AlignedBuf, StdIo};
+use ringbus::storage::partition::prepare_spare_shared;
 use ringbus::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
 use ringbus::{Offset, TimestampMs};
 use std::cell::Cell;
@@ -33,6 +34,9 @@ enum Op {
     Reopen {
         cache: u64,
     },
+    /// Make the spare segment the partition asks for (as its driver would), so
+    /// later rolls rename it instead of creating a segment.
+    Spare,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -43,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..200_000).prop_map(|bytes| Op::Retain { bytes }),
         3 => (0usize..1000, 1usize..100_000).prop_map(|(at, max_bytes)| Op::Read { at, max_bytes }),
         1 => (0u64..300_000).prop_map(|cache| Op::Reopen { cache }),
+        2 => Just(Op::Spare),
     ]
 }
 
@@ -127,6 +132,11 @@ proptest! {
                     prop_assert_eq!(got.len(), want.len());
                     prop_assert!(got == want, "fetched bytes differ from the model");
                     prop_assert!(f.bytes() <= max_bytes || f.chunks.len() == 1);
+                }
+                Op::Spare => {
+                    let cell = std::cell::RefCell::new(p);
+                    futures_lite::future::block_on(prepare_spare_shared(&cell));
+                    p = cell.into_inner();
                 }
                 Op::Reopen { cache } => {
                     drop(p);
@@ -348,6 +358,19 @@ struct FaultyIo {
     inner: StdIo,
     writes_left: Rc<Cell<u32>>,
     syncs_left: Rc<Cell<u32>>,
+    /// Directory syncs so far.
+    dir_syncs: Rc<Cell<u32>>,
+}
+
+impl FaultyIo {
+    fn new(writes: u32, syncs: u32) -> FaultyIo {
+        FaultyIo {
+            inner: StdIo::default(),
+            writes_left: Rc::new(Cell::new(writes)),
+            syncs_left: Rc::new(Cell::new(syncs)),
+            dir_syncs: Rc::new(Cell::new(0)),
+        }
+    }
 }
 
 impl FaultyIo {
@@ -397,15 +420,102 @@ impl LogIo for FaultyIo {
             inner.await
         }
     }
+    fn sync_dir(
+        &self,
+        dir: &std::path::Path,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> {
+        self.dir_syncs.set(self.dir_syncs.get() + 1);
+        self.inner.sync_dir(dir)
+    }
+    fn run_blocking<R, F>(&self, f: F) -> impl std::future::Future<Output = R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.inner.run_blocking(f)
+    }
+}
+
+fn spare_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("spare."))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn rolls_rename_the_prepared_spare_and_the_next_sync_covers_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let dir_syncs = io.dir_syncs.clone();
+    let (p, _) = Partition::open(dir.path(), small_config(), io, TimestampMs(0)).unwrap();
+    let p = std::cell::RefCell::new(p);
+    let prepare = || futures_lite::future::block_on(prepare_spare_shared(&p));
+    assert!(!prepare(), "nothing asked for a spare yet");
+    // 64 KiB segments: three 12 KB batches pass half of the first one.
+    let b = |i: usize| batch(&format!("s{i}"), 4, 3_000, 1_000 + i as i64);
+    let mut expect = Vec::new();
+    let stamped = |i: usize, at: Offset| {
+        let mut x = b(i);
+        ringbus::batch::stamp_base_offset(&mut x, at);
+        (at, x)
+    };
+    for i in 0..3 {
+        let a = append(&mut p.borrow_mut(), &b(i));
+        expect.push(stamped(i, a.base_offset));
+    }
+    assert!(prepare(), "a half-full segment asks for a spare");
+    assert_eq!(
+        spare_files(dir.path()),
+        ["spare.index", "spare.log", "spare.timeindex"]
+    );
+    assert!(!prepare(), "one spare at a time");
+    p.borrow_mut().flush_blocking().unwrap();
+    let before = dir_syncs.get();
+    // Fill the segment: the roll takes the spare.
+    for i in 3..8 {
+        let a = append(&mut p.borrow_mut(), &b(i));
+        expect.push(stamped(i, a.base_offset));
+    }
+    assert_eq!(p.borrow().segment_count(), 2);
+    assert!(spare_files(dir.path()).is_empty(), "the spare was renamed");
+    let second = p.borrow().segment_bases()[1];
+    assert!(ringbus::storage::segment::log_path(dir.path(), second).exists());
+    p.borrow_mut().flush_blocking().unwrap();
+    assert_eq!(
+        dir_syncs.get(),
+        before + 1,
+        "the sync after the roll syncs the directory"
+    );
+    p.borrow_mut().flush_blocking().unwrap();
+    assert_eq!(dir_syncs.get(), before + 1, "and only that one");
+    assert!(batches(&p.borrow()) == expect, "every batch reads back");
+    // A spare left behind (a stop or crash after it was made) holds no data:
+    // reopening removes it and recovers everything.
+    for _ in 8..10 {
+        append(&mut p.borrow_mut(), &b(9));
+    }
+    assert!(prepare());
+    p.borrow_mut().flush_blocking().unwrap();
+    let n = p.borrow().next_offset();
+    drop(p);
+    assert_eq!(spare_files(dir.path()).len(), 3);
+    let (q, rep) = open(dir.path(), small_config());
+    assert!(spare_files(dir.path()).is_empty());
+    assert_eq!(rep.removed_files.len(), 3, "{:?}", rep.removed_files);
+    assert_eq!(q.next_offset(), n);
+    assert!(
+        batches(&q)[..expect.len()] == expect[..],
+        "and after reopening"
+    );
 }
 
 fn fence_case(writes: u32, syncs: u32, op: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let io = FaultyIo {
-        inner: StdIo::default(),
-        writes_left: Rc::new(Cell::new(writes)),
-        syncs_left: Rc::new(Cell::new(syncs)),
-    };
+    let io = FaultyIo::new(writes, syncs);
     let (mut p, _) = Partition::open(dir.path(), small_config(), io, TimestampMs(0)).unwrap();
     append(&mut p, &batch("ok", 1, 10, 0));
     p.flush_blocking().unwrap();

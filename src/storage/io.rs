@@ -56,6 +56,17 @@ pub trait LogIo: Clone + 'static {
 
     /// Makes every completed write to `file` durable (fdatasync).
     fn sync_data(&self, file: &Self::File) -> impl Future<Output = io::Result<()>>;
+
+    /// Makes the entries of directory `dir` durable (files created or renamed in it).
+    fn sync_dir(&self, dir: &Path) -> impl Future<Output = io::Result<()>>;
+
+    /// Runs `f`, which may block (file creation, `fallocate`, `mmap`), where it
+    /// cannot stall the caller's core: a helper thread for the io_uring backend,
+    /// the calling thread for the blocking one.
+    fn run_blocking<R, F>(&self, f: F) -> impl Future<Output = R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static;
 }
 
 /// A zero-initialised heap buffer aligned to [`IO_ALIGN_BYTES`].
@@ -181,6 +192,18 @@ impl LogIo for StdIo {
 
     fn sync_data(&self, file: &File) -> impl Future<Output = io::Result<()>> {
         std::future::ready(file.sync_data())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> impl Future<Output = io::Result<()>> {
+        std::future::ready(sync_dir(dir))
+    }
+
+    fn run_blocking<R, F>(&self, f: F) -> impl Future<Output = R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        std::future::ready(f())
     }
 }
 

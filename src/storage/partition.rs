@@ -19,7 +19,9 @@
 use crate::batch::{BatchError, BatchRef};
 use crate::limits;
 use crate::storage::io::LogIo;
-use crate::storage::segment::{self, BufPool, Role, Segment, SegmentFlush, SegmentWriter};
+use crate::storage::segment::{
+    self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment,
+};
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
 use crate::storage::StorageError;
@@ -237,6 +239,9 @@ impl<B: LogIo> FlushJob<B> {
 pub struct SyncJob<B: LogIo> {
     /// `(base, writer, written length, written next offset)` per segment.
     segments: Vec<(Offset, Rc<SegmentWriter<B>>, u64, Offset)>,
+    /// The partition's directory, when a segment was renamed into it since the last
+    /// sync (a roll onto a spare): its entries must be durable with the data.
+    dir: Option<PathBuf>,
     upto: Offset,
 }
 
@@ -261,6 +266,9 @@ impl<B: LogIo> SyncJob<B> {
         for (_, writer, _, _) in &self.segments {
             let file = writer.file(io).await?;
             io.sync_data(&file).await?;
+        }
+        if let Some(dir) = &self.dir {
+            io.sync_dir(dir).await?;
         }
         Ok(())
     }
@@ -307,6 +315,27 @@ pub struct Partition<B: LogIo> {
     kicks: Watermark,
     /// Where new segments' tail caches draw their memory; `None` reads the maps only.
     cache: Option<CacheBudget>,
+    /// Where the next segment comes from.
+    spare: Spare,
+    /// Bumped when a spare is wanted, for the driver that creates it.
+    spare_kicks: Watermark,
+    /// A segment was renamed into the directory since the last sync job was taken.
+    dir_unsynced: bool,
+}
+
+/// The partition's next segment, prepared off the shard's thread (see
+/// [`SpareSegment`]).
+enum Spare {
+    /// None yet: one is asked for once the active segment is half full.
+    Idle,
+    /// Asked for; the driver has not started it yet.
+    Wanted,
+    /// Being created on a helper thread.
+    Preparing,
+    Ready(SpareSegment),
+    /// Creating one failed: the next roll creates its segment in place (and
+    /// reports the error if it fails again); the one after asks anew.
+    Failed,
 }
 
 impl<B: LogIo> std::fmt::Debug for Partition<B> {
@@ -347,8 +376,15 @@ impl<B: LogIo> Partition<B> {
         }
         bases.sort();
         let mut report = RecoveryReport::default();
-        // Index files whose log is gone (a crash during retention) are removed.
+        // Index files whose log is gone (a crash during retention) are removed, and
+        // so are spare segments (they never hold data).
         for name in others {
+            if segment::is_spare_name(&name) {
+                let p = dir.join(&name);
+                std::fs::remove_file(&p).map_err(|e| StorageError::io("remove", &p, e))?;
+                report.removed_files.push(p);
+                continue;
+            }
             let stem = name
                 .strip_suffix(".index")
                 .or_else(|| name.strip_suffix(".timeindex"));
@@ -449,6 +485,9 @@ impl<B: LogIo> Partition<B> {
             durable: Watermark::new(next_offset.0),
             kicks: Watermark::new(0),
             cache: None,
+            spare: Spare::Idle,
+            spare_kicks: Watermark::new(0),
+            dir_unsynced: false,
         };
         Ok((p, report))
     }
@@ -555,6 +594,10 @@ impl<B: LogIo> Partition<B> {
         active.append(io, &b, base);
         self.next_offset = active.next_offset;
         assert_eq!(self.next_offset, base.plus(span));
+        if matches!(self.spare, Spare::Idle) && active.len >= self.capacity / 2 {
+            self.spare = Spare::Wanted;
+            self.spare_kicks.advance(self.spare_kicks.get() + 1);
+        }
         let pending = self.pending_bytes();
         self.pending_since.get_or_insert(now);
         self.appended.advance(self.next_offset.0);
@@ -567,18 +610,28 @@ impl<B: LogIo> Partition<B> {
         })
     }
 
-    /// Seals the active segment and starts a new one at the next offset.
+    /// Seals the active segment and starts a new one at the next offset: the
+    /// spare, renamed, when one is ready (its name becomes durable with the next
+    /// sync), otherwise a segment created here and now.
     pub fn roll(&mut self, wall: TimestampMs) -> Result<(), StorageError> {
         if self.segments.back().is_some_and(Segment::is_empty) {
             return Ok(());
         }
-        let mut seg = Segment::create(
-            &self.dir,
-            self.next_offset,
-            self.capacity,
-            self.pool.clone(),
-            wall,
-        )?;
+        let (dir, base, pool) = (&self.dir, self.next_offset, self.pool.clone());
+        let mut seg = match std::mem::replace(&mut self.spare, Spare::Idle) {
+            Spare::Ready(spare) if spare.capacity() == self.capacity => {
+                let seg = Segment::from_spare(dir, base, spare, pool, wall)?;
+                self.dir_unsynced = true;
+                seg
+            }
+            other => {
+                if matches!(other, Spare::Preparing) {
+                    // It lands later and serves the roll after this one.
+                    self.spare = Spare::Preparing;
+                }
+                Segment::create(dir, base, self.capacity, pool, wall)?
+            }
+        };
         if let Some(budget) = &self.cache {
             seg.attach_cache(budget);
         }
@@ -588,6 +641,36 @@ impl<B: LogIo> Partition<B> {
             .seal();
         self.segments.push_back(seg);
         Ok(())
+    }
+
+    /// Bumped whenever the partition wants a spare segment made
+    /// ([`Partition::begin_spare`]).
+    pub fn spare_kick_watch(&self) -> Watermark {
+        self.spare_kicks.clone()
+    }
+
+    /// If a spare segment is wanted, marks it in preparation and returns where and
+    /// how large to create it ([`SpareSegment::create`], off the shard's thread);
+    /// hand the outcome to [`Partition::complete_spare`].
+    pub(crate) fn begin_spare(&mut self) -> Option<(PathBuf, u64)> {
+        if self.fenced.is_some() || !matches!(self.spare, Spare::Wanted) {
+            return None;
+        }
+        self.spare = Spare::Preparing;
+        Some((self.dir.clone(), self.capacity))
+    }
+
+    /// Takes the spare made for [`Partition::begin_spare`]. A failure is only
+    /// logged: the next roll creates its segment itself, and fails loudly if the
+    /// cause persists.
+    pub(crate) fn complete_spare(&mut self, made: Result<SpareSegment, StorageError>) {
+        self.spare = match made {
+            Ok(spare) => Spare::Ready(spare),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not prepare the next segment");
+                Spare::Failed
+            }
+        };
     }
 
     /// Keeps copies of the batches appended from now on in memory under `budget`
@@ -789,6 +872,7 @@ impl<B: LogIo> Partition<B> {
         self.sync_in_flight = true;
         Some(SyncJob {
             segments,
+            dir: std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone()),
             upto: self.written_offset(),
         })
     }
@@ -1024,6 +1108,20 @@ pub async fn run_write_shared<B: LogIo>(
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
     part.borrow_mut().complete_write(&job, r)
+}
+
+/// Makes the spare segment a shared partition wants, if it wants one, on a helper
+/// thread (the partition is not borrowed meanwhile); returns whether it tried.
+pub async fn prepare_spare_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> bool {
+    let Some((dir, capacity)) = part.borrow_mut().begin_spare() else {
+        return false;
+    };
+    let io = part.borrow().io.clone();
+    let made = io
+        .run_blocking(move || SpareSegment::create(&dir, capacity))
+        .await;
+    part.borrow_mut().complete_spare(made);
+    true
 }
 
 /// Runs one sync job on a shared partition; returns whether one ran.

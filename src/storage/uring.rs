@@ -6,7 +6,9 @@
 
 use crate::limits;
 use crate::storage::io::{LogIo, WriteBuf};
-use crate::storage::partition::{run_write_shared, sync_shared, FlushDue, FlushScope, Partition};
+use crate::storage::partition::{
+    prepare_spare_shared, run_write_shared, sync_shared, FlushDue, FlushScope, Partition,
+};
 use crate::storage::watermark::Watermark;
 use crate::storage::StorageError;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -139,14 +141,30 @@ impl LogIo for UringIo {
     async fn sync_data(&self, file: &DmaFile) -> io::Result<()> {
         Ok(file.fdatasync().await?)
     }
+
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let d = glommio::io::Directory::open(dir).await?;
+        d.sync().await?;
+        Ok(d.close().await?)
+    }
+
+    fn run_blocking<R, F>(&self, f: F) -> impl Future<Output = R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        glommio::executor().spawn_blocking(f)
+    }
 }
 
-/// The group-commit driver for one partition. Two loops share it:
+/// The group-commit driver for one partition. Three loops share it:
 /// - the writer flushes staged bytes when `flush_bytes` are pending or the oldest
 ///   pending byte has waited `flush_delay_us`, whichever comes first, waking
 ///   `Memory` waiters as each write completes;
 /// - the syncer issues one fdatasync whenever written bytes are not yet durable,
-///   covering everything written before it (group commit), waking `Fsync` waiters.
+///   covering everything written before it (group commit), waking `Fsync` waiters;
+/// - the spare maker creates the next segment's files on a helper thread once the
+///   active segment is half full, so a roll only renames them.
 ///
 /// Writes therefore keep streaming while a sync is in flight. Returns after a final
 /// write and sync once `stop` reaches 1, or with the error that fenced the partition.
@@ -160,8 +178,37 @@ pub async fn group_commit<B: LogIo>(
         writer_done.advance(1);
         r
     };
-    let (w, s) = futures_lite::future::zip(writer, sync_loop(&part, &writer_done)).await;
+    let syncer = sync_loop(&part, &writer_done);
+    let ((w, s), ()) = futures_lite::future::zip(
+        futures_lite::future::zip(writer, syncer),
+        spare_loop(&part, &writer_done),
+    )
+    .await;
     w.and(s)
+}
+
+/// Makes a spare segment whenever the partition asks for one, until the writer is
+/// done.
+async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Watermark) {
+    let kicks = part.borrow().spare_kick_watch();
+    loop {
+        let seen = kicks.get();
+        if prepare_spare_shared(part).await {
+            continue;
+        }
+        if writer_done.get() >= 1 {
+            return;
+        }
+        futures_lite::future::or(
+            async {
+                kicks.wait_for(seen + 1).await.ok();
+            },
+            async {
+                writer_done.wait_for(1).await.ok();
+            },
+        )
+        .await;
+    }
 }
 
 /// What ended one wait of the writer loop.
