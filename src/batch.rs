@@ -189,6 +189,23 @@ pub struct BatchRef<'a> {
     bytes: &'a [u8],
 }
 
+/// A batch whose header, CRC and every record were checked
+/// ([`BatchRef::parse_full`]): what the log accepts. Holding one means the checks
+/// ran, so a batch checked once on its way in is not checked again.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidBatch<'a>(BatchRef<'a>);
+
+impl<'a> ValidBatch<'a> {
+    /// [`BatchRef::parse_full`] of the batch at the front of `bytes`.
+    pub fn parse(bytes: &'a [u8]) -> Result<ValidBatch<'a>, BatchError> {
+        BatchRef::parse_full(bytes).map(ValidBatch)
+    }
+
+    pub fn batch(&self) -> BatchRef<'a> {
+        self.0
+    }
+}
+
 impl<'a> BatchRef<'a> {
     /// Checks header and CRC of the batch at the front of `bytes` (which may continue
     /// past the batch) and returns a view of exactly that batch.

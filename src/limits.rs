@@ -85,6 +85,11 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
 /// anything larger is refused before a byte of its body is buffered.
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 
+/// Memory one shard lets connections hold for large request frames being received
+/// and handled (see `server::conn`); a connection waits, and stops reading, while
+/// it is used up. Must hold the largest frame.
+pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
+
 /// Requests one connection may have in flight; the reader stops reading past it.
 pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;
 

@@ -101,6 +101,10 @@ struct ServeArgs {
     max_connections: Option<usize>,
     #[arg(long)]
     max_frame_bytes: Option<usize>,
+    /// Per shard: memory for large request frames being received or handled;
+    /// connections wait while it is used up (at least --max-frame-bytes + 4).
+    #[arg(long)]
+    request_memory_bytes: Option<usize>,
     /// Default segment size for new topics.
     #[arg(long)]
     segment_bytes: Option<u64>,
@@ -168,6 +172,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         placement,
         max_connections,
         max_frame_bytes,
+        request_memory_bytes,
         segment_bytes,
         flush_bytes,
         flush_delay_us

@@ -126,6 +126,13 @@ pub enum FrameError {
 /// If `buf` starts with a whole frame, its body length (after the prefix).
 /// `Ok(None)`: need more bytes. Checks the bound before any body byte is read.
 pub fn frame_len(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, FrameError> {
+    Ok(declared_len(buf, max_frame_bytes)?.filter(|&len| buf.len() - LENGTH_PREFIX_LEN >= len))
+}
+
+/// The body length the frame at the start of `buf` declares, once its length
+/// prefix is there (the body may still be arriving); an error if it is over
+/// `max_frame_bytes`.
+pub fn declared_len(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, FrameError> {
     let Some(prefix) = buf.get(..LENGTH_PREFIX_LEN) else {
         return Ok(None);
     };
@@ -135,9 +142,6 @@ pub fn frame_len(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, Fr
             len: len as u64,
             max: max_frame_bytes,
         });
-    }
-    if buf.len() - LENGTH_PREFIX_LEN < len {
-        return Ok(None);
     }
     Ok(Some(len))
 }

@@ -25,20 +25,25 @@ impl Broker {
         Self::start_with(dir, &[])
     }
 
+    /// With `extra` flags; two shards unless `extra` sets `--cores`.
     fn start_with(dir: &std::path::Path, extra: &[&str]) -> Broker {
+        let cores: &[&str] = if extra.contains(&"--cores") {
+            &[]
+        } else {
+            &["--cores", "2"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringbus"))
             .args([
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
-                "--cores",
-                "2",
                 "--segment-bytes",
                 "1048576",
                 // Small, so that parallel tests do not each reserve an eighth of RAM.
                 "--tail-cache-bytes",
                 "33554432",
             ])
+            .args(cores)
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
@@ -691,4 +696,121 @@ fn connection_limit_and_config_file() {
     c1.call(&Request::ApiVersions).unwrap();
     drop(c1);
     b.stop();
+}
+
+/// A produce of one batch of `records` values `{tag}-{j}` of `value_len` bytes.
+fn produce_request(tag: &str, records: usize, value_len: usize) -> Request {
+    let mut b = ringbus::batch::BatchBuilder::with_capacity(records * (value_len + 16));
+    for j in 0..records {
+        let mut v = format!("{tag}-{j}").into_bytes();
+        v.resize(value_len, b'.');
+        b.push(ringbus::batch::RecordInput {
+            timestamp: ringbus::TimestampMs(1_000),
+            key: None,
+            value: Some(&v),
+            headers: &[],
+        });
+    }
+    Request::Produce {
+        topic: "big".into(),
+        partition: PartitionSelector::Partition(0),
+        durability: Durability::Fsync,
+        batches: bytes::Bytes::from(b.finish()),
+    }
+}
+
+#[test]
+fn large_frames_wait_for_the_shards_request_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ringbus.toml");
+    // One shard, with request memory for two 1 MB frames.
+    std::fs::write(
+        &cfg,
+        "max_frame_bytes = 1048576\nrequest_memory_bytes = 2200000\nplacement = \"unpinned\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let b = Broker::start_with(&data, &["--cores", "1", "--config", cfg.to_str().unwrap()]);
+    b.conn().create_topic("big", topic(1)).unwrap();
+    // Two clients start 1 MB frames and stall: together they hold all but 200 KB.
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&b.addr).unwrap();
+            s.write_all(&1_000_000u32.to_le_bytes()).unwrap();
+            s.write_all(&[0u8; 1000]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // An 800 KB produce must wait for memory ...
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = b.addr.clone();
+    let waiting = std::thread::spawn(move || {
+        let c = Connection::connect(addr.as_str()).unwrap();
+        tx.send(c.call(&produce_request("w", 100, 8_000))).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1_000)).is_err(),
+        "answered although the stalled frames hold the shard's request memory"
+    );
+    // ... and small requests still go through meanwhile.
+    b.conn().call(&Request::ApiVersions).unwrap();
+    // A stalled client leaves: its memory comes back and the produce lands.
+    drop(stalled.into_iter().next());
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("produce answered");
+    assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    waiting.join().unwrap();
+    // Six producers then share what the last stalled frame leaves, one frame at
+    // a time, and every record lands in order.
+    let producers: Vec<_> = (0..6)
+        .map(|t| {
+            let addr = b.addr.clone();
+            std::thread::spawn(move || {
+                let c = Connection::connect(addr.as_str()).unwrap();
+                for i in 0..5 {
+                    let r = c.call(&produce_request(&format!("p{t}.{i}"), 100, 8_000));
+                    assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    let records = read_partition(&b.addr, "big", 0);
+    assert_eq!(records.len(), 100 + 6 * 5 * 100);
+    for t in 0..6 {
+        let mine: Vec<String> = records
+            .iter()
+            .map(|(_, v)| String::from_utf8_lossy(v).trim_end_matches('.').to_owned())
+            .filter(|v| v.starts_with(&format!("p{t}.")))
+            .collect();
+        let want: Vec<String> = (0..5)
+            .flat_map(|i| (0..100).map(move |j| format!("p{t}.{i}-{j}")))
+            .collect();
+        assert_eq!(mine, want, "producer {t}'s records, in order");
+    }
+    b.stop();
+}
+
+#[test]
+fn request_memory_must_hold_the_largest_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-frame-bytes",
+            "4194304",
+        ])
+        .args(["--request-memory-bytes", "1048576", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("request_memory_bytes"), "{err}");
 }

@@ -7,6 +7,14 @@
 //! connection is closed (the stream cannot be resynchronised); a frame with a
 //! readable header but a bad body is answered under its own id and the connection
 //! carries on.
+//!
+//! Memory: a frame larger than one read chunk (64 KiB) is received straight into a
+//! buffer of its own size, so its bytes are copied once, by the kernel. Before that
+//! buffer is made, the connection takes the frame's size from the shard's request
+//! memory (`request_memory_bytes`) and gives it back when the request is answered:
+//! while it is used up, connections wait and stop reading (TCP pushes back on their
+//! clients). Smaller frames share read chunks; at most
+//! `max_in_flight_per_connection` of them are held per connection.
 
 use super::shard::{wait_shutdown, Shard};
 use crate::protocol::{self, ErrorCode, FrameError, LENGTH_PREFIX_LEN, REQUEST_HEADER_LEN};
@@ -15,6 +23,7 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
+use glommio::sync::StaticPermit;
 use std::rc::Rc;
 
 /// Bytes read from the socket at a time when no larger frame is pending.
@@ -46,12 +55,15 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     });
     let permits = Rc::new(Semaphore::new(cfg.max_in_flight_per_connection as u64));
     let tx = Rc::new(tx);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut scratch = vec![0u8; READ_CHUNK_BYTES];
+    // `buf[..filled]` arrived; the rest of `buf` is zeroed room the next read fills.
+    let mut buf = BytesMut::new();
+    let mut filled = 0;
+    // Request memory held for the large frame being received.
+    let mut held: Option<StaticPermit> = None;
     'conn: loop {
         // Every whole frame in the buffer.
         loop {
-            let len = match protocol::frame_len(&buf, cfg.max_frame_bytes) {
+            let len = match protocol::declared_len(&buf[..filled], cfg.max_frame_bytes) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(e) => {
@@ -64,10 +76,38 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                     break 'conn;
                 }
             };
-            let frame = buf
-                .split_to(LENGTH_PREFIX_LEN + len)
-                .freeze()
-                .slice(LENGTH_PREFIX_LEN..);
+            let total = LENGTH_PREFIX_LEN + len;
+            if filled < total {
+                // Not all here yet. A large frame gets a buffer of its own size, so
+                // the rest is read straight into place, once its memory is granted.
+                if total > READ_CHUNK_BYTES && held.is_none() {
+                    let granted = futures_lite::future::or(
+                        async {
+                            shard
+                                .request_memory
+                                .acquire_static_permit(total as u64)
+                                .await
+                                .ok()
+                        },
+                        async {
+                            wait_shutdown(&shard.shared).await;
+                            None
+                        },
+                    )
+                    .await;
+                    match granted {
+                        Some(p) => held = Some(p),
+                        None => break 'conn,
+                    }
+                }
+                if held.is_some() && buf.len() < total {
+                    buf.resize(total, 0);
+                }
+                break;
+            }
+            let memory = held.take();
+            filled -= total;
+            let frame = buf.split_to(total).freeze().slice(LENGTH_PREFIX_LEN..);
             if frame.len() < REQUEST_HEADER_LEN {
                 let msg = format!(
                     "frame of {} bytes is shorter than the request header",
@@ -107,20 +147,22 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 let _ = tx.send((head, tail)).await;
                 shard.active.set(shard.active.get() - 1);
                 drop(permit);
+                drop(memory);
             })
             .detach();
         }
-        // Read more: the rest of a known frame at once, or a chunk.
-        // Read into a fixed scratch buffer: the frame buffer grows only by bytes
-        // that arrived, so a large length prefix reserves nothing up front.
-        let read =
-            futures_lite::future::or(async { Some(rd.read(&mut scratch[..]).await) }, async {
-                wait_shutdown(&shard.shared).await;
-                None
-            })
-            .await;
+        // Read more: into the rest of a large frame's buffer, or a chunk.
+        if filled == buf.len() {
+            buf.resize(filled + READ_CHUNK_BYTES, 0);
+        }
+        let room = &mut buf[filled..];
+        let read = futures_lite::future::or(async { Some(rd.read(room).await) }, async {
+            wait_shutdown(&shard.shared).await;
+            None
+        })
+        .await;
         match read {
-            Some(Ok(n)) if n > 0 => buf.extend_from_slice(&scratch[..n]),
+            Some(Ok(n)) if n > 0 => filled += n,
             _ => break,
         }
     }

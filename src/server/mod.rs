@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Requests one connection may have in flight.
     pub max_in_flight_per_connection: usize,
+    /// Per shard: memory for large request frames, from their first byte until
+    /// their request is answered. At least `max_frame_bytes` + 4.
+    pub request_memory_bytes: usize,
     /// Defaults for topics created without their own settings.
     pub segment_bytes: u64,
     pub segment_ms: Option<u64>,
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             max_connections: limits::CONNECTIONS_MAX_DEFAULT,
             max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
             max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
+            request_memory_bytes: limits::REQUEST_MEMORY_BYTES_DEFAULT,
             segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
             segment_ms: None,
             retention_bytes: None,
@@ -121,6 +125,15 @@ impl Broker {
     /// Opens the data directory, recovers every partition and starts the shards;
     /// returns once all of them are listening.
     pub fn start(mut config: ServerConfig) -> anyhow::Result<Broker> {
+        let largest = config
+            .max_frame_bytes
+            .saturating_add(crate::protocol::LENGTH_PREFIX_LEN);
+        if config.request_memory_bytes < largest {
+            anyhow::bail!(
+                "request_memory_bytes ({}) must hold the largest frame (max_frame_bytes + 4 = {largest})",
+                config.request_memory_bytes
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
         let irq_cpus = placement::disk_irq_cpus(&config.data_dir);

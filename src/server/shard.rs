@@ -8,7 +8,7 @@
 
 use super::catalog::{self, Catalog};
 use super::{conn, Shared};
-use crate::batch::{self, BatchRef};
+use crate::batch::{self, ValidBatch};
 use crate::limits;
 use crate::protocol::{
     ErrorCode, OffsetSpec, PartitionInfo, PartitionSelector, Request, Response, TopicConfig,
@@ -91,6 +91,9 @@ pub struct Shard {
     cache: CacheBudget,
     /// Requests being handled on this shard (for the shutdown drain).
     pub active: Cell<usize>,
+    /// Bytes of large request frames being received or handled on this shard's
+    /// connections, out of `request_memory_bytes` (see `conn`).
+    pub request_memory: Rc<glommio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -145,6 +148,9 @@ pub async fn run(
             io,
             cache: CacheBudget::new(shared.cache.clone()),
             active: Cell::new(0),
+            request_memory: Rc::new(glommio::sync::Semaphore::new(
+                shared.config.request_memory_bytes as u64,
+            )),
         });
         let topics: Vec<_> = shard
             .catalog
@@ -477,26 +483,25 @@ impl Shard {
             } => {
                 // Check every batch before appending any, so a bad batch never
                 // leaves part of a request in the log.
-                let mut ranges = Vec::new();
+                let mut valid = Vec::new();
                 let mut pos = 0;
                 while pos < batches.len() {
                     let rest = &batches[pos..];
                     let len = batch::check_header(rest).map_err(|e| {
                         (ErrorCode::InvalidBatch, format!("batch at byte {pos}: {e}"))
                     })?;
-                    BatchRef::parse_full(&rest[..len]).map_err(|e| {
+                    valid.push(ValidBatch::parse(&rest[..len]).map_err(|e| {
                         (ErrorCode::InvalidBatch, format!("batch at byte {pos}: {e}"))
-                    })?;
-                    ranges.push(pos..pos + len);
+                    })?);
                     pos += len;
                 }
                 let (bases, wait) = {
                     let mut part = slot.part.borrow_mut();
-                    let mut bases = Vec::with_capacity(ranges.len());
+                    let mut bases = Vec::with_capacity(valid.len());
                     let mut last = None;
-                    for r in ranges {
+                    for b in valid {
                         let a = part
-                            .append(&batches[r], Instant::now(), TimestampMs::now())
+                            .append_valid(b, Instant::now(), TimestampMs::now())
                             .map_err(storage_error)?;
                         bases.push(a.base_offset);
                         last = Some(a.last_offset);

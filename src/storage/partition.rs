@@ -16,7 +16,7 @@
 //! fdatasync. `Durability::Memory` acknowledges at the first, `Durability::Fsync` at
 //! the second.
 
-use crate::batch::{BatchError, BatchRef};
+use crate::batch::{BatchError, ValidBatch};
 use crate::limits;
 use crate::storage::io::LogIo;
 use crate::storage::segment::{
@@ -563,14 +563,29 @@ impl<B: LogIo> Partition<B> {
         if let Some(e) = self.fenced_error() {
             return Err(e);
         }
-        let b = BatchRef::parse_full(batch)?;
-        if b.len() != batch.len() {
+        let b = ValidBatch::parse(batch)?;
+        if b.batch().len() != batch.len() {
             return Err(BatchError::TrailingBytes {
-                end: b.len(),
+                end: b.batch().len(),
                 len: batch.len(),
             }
             .into());
         }
+        self.append_valid(b, now, wall)
+    }
+
+    /// [`Partition::append`] of a batch already checked whole (the broker checks
+    /// every batch of a request before appending any).
+    pub fn append_valid(
+        &mut self,
+        batch: ValidBatch<'_>,
+        now: Instant,
+        wall: TimestampMs,
+    ) -> Result<Appended, StorageError> {
+        if let Some(e) = self.fenced_error() {
+            return Err(e);
+        }
+        let b = batch.batch();
         let len = b.len() as u64;
         if len > self.capacity {
             return Err(StorageError::BatchTooLarge {
