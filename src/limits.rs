@@ -90,6 +90,10 @@ pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 /// it is used up. Must hold the largest frame.
 pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
+/// A connection that started a large frame (holding request memory for it) and then
+/// sends nothing for this long is closed, so stalled clients cannot keep the memory.
+pub const FRAME_STALL_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
 /// Requests one connection may have in flight; the reader stops reading past it.
 pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;
 

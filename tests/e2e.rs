@@ -796,6 +796,44 @@ fn large_frames_wait_for_the_shards_request_memory() {
 }
 
 #[test]
+fn a_client_that_stalls_mid_frame_is_closed_and_its_memory_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ringbus.toml");
+    std::fs::write(
+        &cfg,
+        "max_frame_bytes = 1048576\nrequest_memory_bytes = 1100000\n\
+         frame_stall_timeout_ms = 500\nplacement = \"unpinned\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let b = Broker::start_with(&data, &["--cores", "1", "--config", cfg.to_str().unwrap()]);
+    b.conn().create_topic("big", topic(1)).unwrap();
+    let mut stalled = TcpStream::connect(&b.addr).unwrap();
+    stalled.write_all(&1_000_000u32.to_le_bytes()).unwrap();
+    stalled.write_all(&[0u8; 1000]).unwrap();
+    let started = Instant::now();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let r = stalled.read(&mut byte);
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "stalled connection not closed: {r:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed too early"
+    );
+    // Its memory is back: a frame that needs nearly all of it is served.
+    let c = b.conn();
+    let r = c.call(&produce_request("after", 100, 8_000));
+    assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    b.stop();
+}
+
+#[test]
 fn request_memory_must_hold_the_largest_frame() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ringbus"))

@@ -14,7 +14,9 @@
 //! memory (`request_memory_bytes`) and gives it back when the request is answered:
 //! while it is used up, connections wait and stop reading (TCP pushes back on their
 //! clients). Smaller frames share read chunks; at most
-//! `max_in_flight_per_connection` of them are held per connection.
+//! `max_in_flight_per_connection` of them are held per connection. A client that
+//! starts a large frame and then stalls for `frame_stall_timeout_ms` is disconnected,
+//! so it cannot keep the memory.
 
 use super::shard::{wait_shutdown, Shard};
 use crate::protocol::{self, ErrorCode, FrameError, LENGTH_PREFIX_LEN, REQUEST_HEADER_LEN};
@@ -25,6 +27,7 @@ use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 use glommio::sync::StaticPermit;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Bytes read from the socket at a time when no larger frame is pending.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -156,8 +159,21 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             buf.resize(filled + READ_CHUNK_BYTES, 0);
         }
         let room = &mut buf[filled..];
+        // Holding request memory, the client must keep sending.
+        let stall = held
+            .is_some()
+            .then(|| Duration::from_millis(cfg.frame_stall_timeout_ms));
         let read = futures_lite::future::or(async { Some(rd.read(room).await) }, async {
-            wait_shutdown(&shard.shared).await;
+            match stall {
+                Some(d) => {
+                    let timeout = async {
+                        glommio::timer::sleep(d).await;
+                        tracing::debug!(?peer, "closing a connection that stalled mid-frame");
+                    };
+                    futures_lite::future::or(wait_shutdown(&shard.shared), timeout).await;
+                }
+                None => wait_shutdown(&shard.shared).await,
+            }
             None
         })
         .await;

@@ -39,6 +39,9 @@ pub struct ServerConfig {
     /// Per shard: memory for large request frames, from their first byte until
     /// their request is answered. At least `max_frame_bytes` + 4.
     pub request_memory_bytes: usize,
+    /// A connection that started a large frame and then sends nothing for this long
+    /// is closed, returning the frame's request memory.
+    pub frame_stall_timeout_ms: u64,
     /// Defaults for topics created without their own settings.
     pub segment_bytes: u64,
     pub segment_ms: Option<u64>,
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
             max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
             request_memory_bytes: limits::REQUEST_MEMORY_BYTES_DEFAULT,
+            frame_stall_timeout_ms: limits::FRAME_STALL_TIMEOUT_MS_DEFAULT,
             segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
             segment_ms: None,
             retention_bytes: None,
