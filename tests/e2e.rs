@@ -73,6 +73,15 @@ impl Broker {
         Broker { child, addr }
     }
 
+    /// With the settings of a TOML file holding `toml` (inside `dir`), plus `extra`.
+    fn start_with_config(dir: &std::path::Path, toml: &str, extra: &[&str]) -> Broker {
+        let cfg = dir.join("ringbus.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let mut args = extra.to_vec();
+        args.extend(["--config", cfg.to_str().unwrap()]);
+        Broker::start_with(&dir.join("data"), &args)
+    }
+
     fn conn(&self) -> Connection {
         Connection::connect(self.addr.as_str()).unwrap()
     }
@@ -654,14 +663,11 @@ fn cli_quickstart() {
 #[test]
 fn connection_limit_and_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("ringbus.toml");
-    std::fs::write(
-        &cfg,
+    let b = Broker::start_with_config(
+        dir.path(),
         "max_connections = 2\nmax_frame_bytes = 4096\nplacement = \"unpinned\"\n",
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let b = Broker::start_with(&data, &["--config", cfg.to_str().unwrap()]);
+        &[],
+    );
     let c1 = b.conn();
     let c2 = b.conn();
     c1.call(&Request::ApiVersions).unwrap();
@@ -722,15 +728,12 @@ fn produce_request(tag: &str, records: usize, value_len: usize) -> Request {
 #[test]
 fn large_frames_wait_for_the_shards_request_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("ringbus.toml");
     // One shard, with request memory for two 1 MB frames.
-    std::fs::write(
-        &cfg,
+    let b = Broker::start_with_config(
+        dir.path(),
         "max_frame_bytes = 1048576\nrequest_memory_bytes = 2200000\nplacement = \"unpinned\"\n",
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let b = Broker::start_with(&data, &["--cores", "1", "--config", cfg.to_str().unwrap()]);
+        &["--cores", "1"],
+    );
     b.conn().create_topic("big", topic(1)).unwrap();
     // Two clients start 1 MB frames and stall: together they hold all but 200 KB.
     let stalled: Vec<TcpStream> = (0..2)
@@ -798,15 +801,12 @@ fn large_frames_wait_for_the_shards_request_memory() {
 #[test]
 fn a_client_that_stalls_mid_frame_is_closed_and_its_memory_returned() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("ringbus.toml");
-    std::fs::write(
-        &cfg,
+    let b = Broker::start_with_config(
+        dir.path(),
         "max_frame_bytes = 1048576\nrequest_memory_bytes = 1100000\n\
          frame_stall_timeout_ms = 500\nplacement = \"unpinned\"\n",
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let b = Broker::start_with(&data, &["--cores", "1", "--config", cfg.to_str().unwrap()]);
+        &["--cores", "1"],
+    );
     b.conn().create_topic("big", topic(1)).unwrap();
     let mut stalled = TcpStream::connect(&b.addr).unwrap();
     stalled.write_all(&1_000_000u32.to_le_bytes()).unwrap();
