@@ -594,16 +594,17 @@ impl Shard {
             self.send(to, ShardMsg::Info { reply: tx }).await?;
             infos.extend(rx.await.map_err(|_| shutting_down())?);
         }
+        // Group once: scanning every partition for every topic was quadratic.
+        let mut by_topic: HashMap<String, Vec<_>> = HashMap::new();
+        for (t, i) in infos {
+            by_topic.entry(t).or_default().push(i);
+        }
         let catalog = self.catalog.borrow().clone();
         let topics = catalog
             .topics
             .into_iter()
             .map(|(name, config)| {
-                let mut partitions: Vec<_> = infos
-                    .iter()
-                    .filter(|(t, _)| *t == name)
-                    .map(|(_, i)| i.clone())
-                    .collect();
+                let mut partitions = by_topic.remove(&name).unwrap_or_default();
                 partitions.sort_by_key(|p| p.partition);
                 TopicInfo {
                     name,
