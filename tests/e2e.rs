@@ -704,8 +704,15 @@ fn connection_limit_and_config_file() {
     b.stop();
 }
 
-/// A produce of one batch of `records` values `{tag}-{j}` of `value_len` bytes.
-fn produce_request(tag: &str, records: usize, value_len: usize) -> Request {
+/// A produce to `topic`/`partition` of one batch of `records` values `{tag}-{j}` of
+/// `value_len` bytes.
+fn produce_request(
+    topic: &str,
+    partition: u32,
+    tag: &str,
+    records: usize,
+    value_len: usize,
+) -> Request {
     let mut b = ringbus::batch::BatchBuilder::with_capacity(records * (value_len + 16));
     for j in 0..records {
         let mut v = format!("{tag}-{j}").into_bytes();
@@ -718,8 +725,8 @@ fn produce_request(tag: &str, records: usize, value_len: usize) -> Request {
         });
     }
     Request::Produce {
-        topic: "big".into(),
-        partition: PartitionSelector::Partition(0),
+        topic: topic.into(),
+        partition: PartitionSelector::Partition(partition),
         durability: Durability::Fsync,
         batches: bytes::Bytes::from(b.finish()),
     }
@@ -750,7 +757,8 @@ fn large_frames_wait_for_the_shards_request_memory() {
     let addr = b.addr.clone();
     let waiting = std::thread::spawn(move || {
         let c = Connection::connect(addr.as_str()).unwrap();
-        tx.send(c.call(&produce_request("w", 100, 8_000))).unwrap();
+        tx.send(c.call(&produce_request("big", 0, "w", 100, 8_000)))
+            .unwrap();
     });
     assert!(
         rx.recv_timeout(Duration::from_millis(1_000)).is_err(),
@@ -773,7 +781,7 @@ fn large_frames_wait_for_the_shards_request_memory() {
             std::thread::spawn(move || {
                 let c = Connection::connect(addr.as_str()).unwrap();
                 for i in 0..5 {
-                    let r = c.call(&produce_request(&format!("p{t}.{i}"), 100, 8_000));
+                    let r = c.call(&produce_request("big", 0, &format!("p{t}.{i}"), 100, 8_000));
                     assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
                 }
             })
@@ -828,7 +836,7 @@ fn a_client_that_stalls_mid_frame_is_closed_and_its_memory_returned() {
     );
     // Its memory is back: a frame that needs nearly all of it is served.
     let c = b.conn();
-    let r = c.call(&produce_request("after", 100, 8_000));
+    let r = c.call(&produce_request("big", 0, "after", 100, 8_000));
     assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
     b.stop();
 }
@@ -851,4 +859,30 @@ fn request_memory_must_hold_the_largest_frame() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("request_memory_bytes"), "{err}");
+}
+
+#[test]
+fn a_create_that_fails_on_a_shard_leaves_no_topic_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    // A file where partition 1's directory belongs: its shard cannot open it.
+    let topic_dir = dir.path().join("topics").join("half");
+    std::fs::create_dir_all(&topic_dir).unwrap();
+    std::fs::write(topic_dir.join("1"), b"in the way").unwrap();
+    let c = b.conn();
+    let e = c.create_topic("half", topic(2)).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}");
+    assert!(
+        !c.list_topics().unwrap().iter().any(|t| t.name == "half"),
+        "a failed create must not leave the topic listed"
+    );
+    assert!(!topic_dir.exists(), "nor its directory");
+    // Nothing half-made is in the way: the same create now succeeds and works.
+    c.create_topic("half", topic(2)).unwrap();
+    for p in 0..2 {
+        let r = c.call(&produce_request("half", p, &format!("h{p}"), 3, 10));
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+        assert_eq!(read_partition(&b.addr, "half", p).len(), 3);
+    }
+    b.stop();
 }

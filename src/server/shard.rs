@@ -619,7 +619,6 @@ impl Shard {
     /// Topic creation and deletion, on shard 0 only.
     async fn admin(&self, req: Request) -> Reply {
         assert_eq!(self.id, 0, "admin requests run on shard 0");
-        let data_dir = self.shared.config.data_dir.clone();
         let change = match req {
             Request::CreateTopic { name, config } => {
                 if self.catalog.borrow().topics.contains_key(&name) {
@@ -647,8 +646,31 @@ impl Shard {
         };
         // Persist first: a crash after this point reopens the topic (create) or
         // removes what is left of it (delete) on the next start.
+        self.save_catalog(&change)?;
+        let result = self.change_everywhere(&change).await;
+        if let (Err(e), CatalogChange::Create { name, .. }) = (&result, &change) {
+            // Some shard could not open its partitions: take the topic back out, so
+            // the client can fix the cause and create it again (instead of meeting a
+            // half-open topic that says it exists).
+            tracing::warn!(topic = name, error = %e.1, "create failed; removing the topic again");
+            let undo = CatalogChange::Delete { name: name.clone() };
+            if let Err((_, u)) = self.save_catalog(&undo) {
+                tracing::error!(topic = name, error = %u, "could not undo a failed create");
+            } else if let Err((_, u)) = self.change_everywhere(&undo).await {
+                tracing::error!(topic = name, error = %u, "could not undo a failed create");
+            }
+        }
+        result?;
+        Ok(match change {
+            CatalogChange::Create { .. } => Response::CreateTopic,
+            CatalogChange::Delete { .. } => Response::DeleteTopic,
+        })
+    }
+
+    /// Writes the catalog as it is after `change` (shard 0 only).
+    fn save_catalog(&self, change: &CatalogChange) -> Result<(), (ErrorCode, String)> {
         let mut next = self.catalog.borrow().clone();
-        match &change {
+        match change {
             CatalogChange::Create { name, config } => {
                 next.topics.insert(name.clone(), config.clone());
             }
@@ -656,8 +678,13 @@ impl Shard {
                 next.topics.remove(name);
             }
         }
-        next.save(&data_dir)
-            .map_err(|e| (ErrorCode::StorageError, format!("save catalog: {e}")))?;
+        next.save(&self.shared.config.data_dir)
+            .map_err(|e| (ErrorCode::StorageError, format!("save catalog: {e}")))
+    }
+
+    /// Applies `change` on every shard (this one first), and for a delete removes
+    /// the topic's directory; the first error of any shard, once all have run.
+    async fn change_everywhere(&self, change: &CatalogChange) -> Result<(), (ErrorCode, String)> {
         let mut result = self.apply_catalog(change.clone()).await;
         for to in 1..self.shared.shards {
             let (tx, rx) = oneshot::channel();
@@ -674,19 +701,15 @@ impl Shard {
                 .unwrap_or_else(|_| Err(format!("shard {to} went away")));
             result = result.and(r);
         }
-        if let CatalogChange::Delete { name } = &change {
-            let dir = catalog::topic_dir(&data_dir, name);
+        if let CatalogChange::Delete { name } = change {
+            let dir = catalog::topic_dir(&self.shared.config.data_dir, name);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     result = result.and(Err(format!("remove {}: {e}", dir.display())));
                 }
             }
         }
-        result.map_err(|e| (ErrorCode::StorageError, e))?;
-        Ok(match change {
-            CatalogChange::Create { .. } => Response::CreateTopic,
-            CatalogChange::Delete { .. } => Response::DeleteTopic,
-        })
+        result.map_err(|e| (ErrorCode::StorageError, e))
     }
 
     async fn apply_catalog(&self, change: CatalogChange) -> Result<(), String> {
