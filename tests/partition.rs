@@ -7,7 +7,7 @@ use common::*;
 use proptest::prelude::*;
 use ringbus::batch::BatchRef;
 use ringbus::storage::io::{AlignedBuf, StdIo};
-use ringbus::storage::partition::prepare_spare_shared;
+use ringbus::storage::partition::{apply_retention_shared, prepare_spare_shared};
 use ringbus::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
 use ringbus::{Offset, TimestampMs};
 use std::cell::Cell;
@@ -267,7 +267,11 @@ fn retention_keeps_held_bytes_readable_after_delete() {
     let held_copy: Vec<u8> = held.chunks[0].to_vec();
     let first_log = dir.path().join(format!("{:020}.log", 0));
     assert!(first_log.exists());
-    let r = p.apply_retention(TimestampMs(1_000)).unwrap();
+    // The broker's way: files removed on a helper thread (inline with StdIo).
+    let cell = std::cell::RefCell::new(p);
+    let r =
+        futures_lite::future::block_on(apply_retention_shared(&cell, TimestampMs(1_000))).unwrap();
+    let p = cell.into_inner();
     assert!(r.segments_deleted > 0);
     assert!(!first_log.exists(), "deleted segment file still present");
     assert!(p.size_bytes() >= 100 * 1024);

@@ -14,9 +14,10 @@ use crate::protocol::{
     ErrorCode, OffsetSpec, PartitionInfo, PartitionSelector, Request, Response, TopicConfig,
     TopicInfo, API_VERSIONS,
 };
+use crate::storage::partition::apply_retention_shared;
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
-use crate::storage::{CacheBudget, Durability, Partition, PartitionConfig, StorageError};
+use crate::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -311,7 +312,7 @@ impl Shard {
             glommio::timer::sleep(Duration::from_millis(limits::RETENTION_CHECK_MS)).await;
             let slots: Vec<_> = self.partitions.borrow().values().cloned().collect();
             for slot in slots {
-                let r = slot.part.borrow_mut().apply_retention(TimestampMs::now());
+                let r = apply_retention_shared(&slot.part, TimestampMs::now()).await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "retention failed");
                 }
@@ -737,7 +738,15 @@ impl Shard {
                     }
                     let dir = catalog::partition_dir(&self.shared.config.data_dir, &t, p);
                     drop(slot);
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    // Unlinking a written 256 MiB segment took 45-50 ms here: off
+                    // the shard's thread.
+                    let removed = {
+                        let dir = dir.clone();
+                        self.io
+                            .run_blocking(move || std::fs::remove_dir_all(dir))
+                            .await
+                    };
+                    if let Err(e) = removed {
                         if e.kind() != std::io::ErrorKind::NotFound {
                             return Err(format!("remove {}: {e}", dir.display()));
                         }

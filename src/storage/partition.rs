@@ -1070,7 +1070,17 @@ impl<B: LogIo> Partition<B> {
     /// Deletes the oldest sealed, fully written segments while the retention limits
     /// say so. Never deletes the active segment.
     pub fn apply_retention(&mut self, now: TimestampMs) -> Result<RetentionReport, StorageError> {
+        let (report, gone) = self.take_expired(now);
+        remove_segments(&self.dir, &gone)?;
+        Ok(report)
+    }
+
+    /// The decision half of [`Partition::apply_retention`]: drops the expired
+    /// segments from the partition (the log start moves at once) and returns the base
+    /// offsets whose files are still to be removed ([`remove_segments`]).
+    fn take_expired(&mut self, now: TimestampMs) -> (RetentionReport, Vec<Offset>) {
         let mut report = RetentionReport::default();
+        let mut gone = Vec::new();
         let mut total = self.size_bytes();
         while self.segments.len() > 1 {
             let oldest = self.segments.front().expect("len > 1");
@@ -1089,19 +1099,15 @@ impl<B: LogIo> Partition<B> {
             if !(by_bytes || by_age) {
                 break;
             }
-            oldest.delete_files()?;
+            gone.push(oldest.base);
             total -= oldest.len;
             report.segments_deleted += 1;
             report.bytes_deleted += oldest.len;
             tracing::info!(segment = %oldest.path.display(), by_bytes, by_age, "retention deleted segment");
             self.segments.pop_front();
         }
-        if report.segments_deleted > 0 {
-            crate::storage::io::sync_dir(&self.dir)
-                .map_err(|e| StorageError::io("fsync dir", &self.dir, e))?;
-        }
         report.new_log_start = self.log_start();
-        Ok(report)
+        (report, gone)
     }
 
     /// Number of index entries in each segment (for tests and `segdump`).
@@ -1123,6 +1129,36 @@ pub async fn run_write_shared<B: LogIo>(
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
     part.borrow_mut().complete_write(&job, r)
+}
+
+/// Removes the files of the segments at `bases` (already dropped from their
+/// partition; readers still holding their bytes keep the maps) and syncs `dir`.
+fn remove_segments(dir: &Path, bases: &[Offset]) -> Result<(), StorageError> {
+    if bases.is_empty() {
+        return Ok(());
+    }
+    for &base in bases {
+        segment::remove_files(dir, base)?;
+    }
+    crate::storage::io::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))
+}
+
+/// [`Partition::apply_retention`] on a shared partition, with the file removals and
+/// the directory sync (milliseconds for large segments) on a helper thread.
+pub async fn apply_retention_shared<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    now: TimestampMs,
+) -> Result<RetentionReport, StorageError> {
+    let (report, gone) = part.borrow_mut().take_expired(now);
+    if !gone.is_empty() {
+        let (io, dir) = {
+            let p = part.borrow();
+            (p.io.clone(), p.dir.clone())
+        };
+        io.run_blocking(move || remove_segments(&dir, &gone))
+            .await?;
+    }
+    Ok(report)
 }
 
 /// Makes the spare segment a shared partition wants, if it wants one, on a helper

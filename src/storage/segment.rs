@@ -1275,12 +1275,6 @@ impl<B: LogIo> Segment<B> {
         Ok(found)
     }
 
-    /// Removes the segment's files. Readers holding `Bytes` keep the mapping (and the
-    /// unlinked file's blocks) alive until they let go.
-    pub(crate) fn delete_files(&self) -> Result<(), StorageError> {
-        remove_files(&self.dir, self.base).map(drop)
-    }
-
     pub(crate) fn index_entries(&self) -> usize {
         self.index.len()
     }
