@@ -12,7 +12,7 @@
 #   - disk: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1);
 #   - fsync latency: fio, 1 MiB O_DIRECT writes each followed by fdatasync (p50/p99);
 #   - loopback TCP: iperf3, one stream, 5 s.
-# Scenarios (1 KB messages unless noted; embedded broker, one shard per core):
+# Scenarios (1 KB messages unless noted; embedded broker with its default placement):
 #   a  1 producer, 1 partition, batches of 1,000, fsync
 #   b  the same with memory durability
 #   c  4 producers x 4 partitions across the shards, fsync
