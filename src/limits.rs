@@ -90,9 +90,10 @@ pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 /// it is used up. Must hold the largest frame.
 pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
-/// A connection that started a large frame (holding request memory for it) and then
-/// sends nothing for this long is closed, so stalled clients cannot keep the memory.
-pub const FRAME_STALL_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// A large frame (holding request memory) must arrive whole within this long of its
+/// memory being granted, or its connection is closed: neither a stalled client nor
+/// one trickling a byte at a time keeps the memory. 64 MiB in 30 s is 2.2 MB/s.
+pub const FRAME_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
 /// Requests one connection may have in flight; the reader stops reading past it.
 pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;

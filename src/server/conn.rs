@@ -13,10 +13,9 @@
 //! buffer is made, the connection takes the frame's size from the shard's request
 //! memory (`request_memory_bytes`) and gives it back when the request is answered:
 //! while it is used up, connections wait and stop reading (TCP pushes back on their
-//! clients). Smaller frames share read chunks; at most
-//! `max_in_flight_per_connection` of them are held per connection. A client that
-//! starts a large frame and then stalls for `frame_stall_timeout_ms` is disconnected,
-//! so it cannot keep the memory.
+//! clients). Frames get their memory in arrival order, and must then arrive whole
+//! within `frame_timeout_ms`, or the connection is closed. Smaller frames share read
+//! chunks; at most `max_in_flight_per_connection` of them are held per connection.
 
 use super::shard::{wait_shutdown, Shard};
 use crate::protocol::{self, ErrorCode, FrameError, LENGTH_PREFIX_LEN, REQUEST_HEADER_LEN};
@@ -27,7 +26,32 @@ use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 use glommio::sync::StaticPermit;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A shard's memory for large request frames (`request_memory_bytes`).
+#[derive(Debug)]
+pub struct RequestMemory {
+    bytes: Rc<Semaphore>,
+    /// Waiters for `bytes` pass one at a time, in arrival order: glommio's semaphore
+    /// wakes whichever waiter fits, so a large frame could otherwise wait forever
+    /// behind a stream of smaller ones.
+    turnstile: Semaphore,
+}
+
+impl RequestMemory {
+    pub fn new(bytes: usize) -> RequestMemory {
+        RequestMemory {
+            bytes: Rc::new(Semaphore::new(bytes as u64)),
+            turnstile: Semaphore::new(1),
+        }
+    }
+
+    /// `n` bytes, once every earlier request for memory got its own.
+    async fn acquire(&self, n: usize) -> Option<StaticPermit> {
+        let _turn = self.turnstile.acquire_permit(1).await.ok()?;
+        self.bytes.acquire_static_permit(n as u64).await.ok()
+    }
+}
 
 /// Bytes read from the socket at a time when no larger frame is pending.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -61,8 +85,10 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     // `buf[..filled]` arrived; the rest of `buf` is zeroed room the next read fills.
     let mut buf = BytesMut::new();
     let mut filled = 0;
-    // Request memory held for the large frame being received.
+    // Request memory held for the large frame being received, and when that frame
+    // must be complete.
     let mut held: Option<StaticPermit> = None;
+    let mut deadline = Instant::now();
     'conn: loop {
         // Every whole frame in the buffer.
         loop {
@@ -84,24 +110,17 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 // Not all here yet. A large frame gets a buffer of its own size, so
                 // the rest is read straight into place, once its memory is granted.
                 if total > READ_CHUNK_BYTES && held.is_none() {
-                    let granted = futures_lite::future::or(
-                        async {
-                            shard
-                                .request_memory
-                                .acquire_static_permit(total as u64)
-                                .await
-                                .ok()
-                        },
-                        async {
+                    let granted =
+                        futures_lite::future::or(shard.request_memory.acquire(total), async {
                             wait_shutdown(&shard.shared).await;
                             None
-                        },
-                    )
-                    .await;
+                        })
+                        .await;
                     match granted {
                         Some(p) => held = Some(p),
                         None => break 'conn,
                     }
+                    deadline = Instant::now() + Duration::from_millis(cfg.frame_timeout_ms);
                 }
                 if held.is_some() && buf.len() < total {
                     buf.resize(total, 0);
@@ -112,6 +131,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             filled -= total;
             let frame = buf.split_to(total).freeze().slice(LENGTH_PREFIX_LEN..);
             if frame.len() < REQUEST_HEADER_LEN {
+                drop(memory);
                 let msg = format!(
                     "frame of {} bytes is shorter than the request header",
                     frame.len()
@@ -122,6 +142,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             let (header, req) = match protocol::decode_request(&frame) {
                 Ok(x) => x,
                 Err(e) => {
+                    drop((frame, memory));
                     let Some(h) = e.header else {
                         send_error(&tx, 0, e.code, &e.message).await;
                         break 'conn;
@@ -139,6 +160,9 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             shard.active.set(shard.active.get() + 1);
             glommio::spawn_local(async move {
                 let reply = shard.handle(req).await;
+                // The request's bytes are done with: give their memory back now, not
+                // after the response is queued behind a client that may not read.
+                drop(memory);
                 let mut head = Vec::new();
                 let tail = match reply {
                     Ok(resp) => protocol::encode_response(header.correlation_id, &resp, &mut head),
@@ -150,7 +174,6 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 let _ = tx.send((head, tail)).await;
                 shard.active.set(shard.active.get() - 1);
                 drop(permit);
-                drop(memory);
             })
             .detach();
         }
@@ -159,16 +182,16 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             buf.resize(filled + READ_CHUNK_BYTES, 0);
         }
         let room = &mut buf[filled..];
-        // Holding request memory, the client must keep sending.
-        let stall = held
+        // Holding request memory, the frame must be complete by its deadline.
+        let limit = held
             .is_some()
-            .then(|| Duration::from_millis(cfg.frame_stall_timeout_ms));
+            .then(|| deadline.saturating_duration_since(Instant::now()));
         let read = futures_lite::future::or(async { Some(rd.read(room).await) }, async {
-            match stall {
+            match limit {
                 Some(d) => {
                     let timeout = async {
                         glommio::timer::sleep(d).await;
-                        tracing::debug!(?peer, "closing a connection that stalled mid-frame");
+                        tracing::debug!(?peer, "closing a connection whose frame came too slowly");
                     };
                     futures_lite::future::or(wait_shutdown(&shard.shared), timeout).await;
                 }
@@ -182,7 +205,9 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             _ => break,
         }
     }
-    // Let in-flight requests answer, then close.
+    // Nothing more is read: let go of the frame being received (and its memory)
+    // before waiting for in-flight requests to answer, then close.
+    drop((held, buf));
     let _ = permits
         .acquire(cfg.max_in_flight_per_connection as u64)
         .await;

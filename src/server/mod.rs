@@ -39,9 +39,9 @@ pub struct ServerConfig {
     /// Per shard: memory for large request frames, from their first byte until
     /// their request is answered. At least `max_frame_bytes` + 4.
     pub request_memory_bytes: usize,
-    /// A connection that started a large frame and then sends nothing for this long
-    /// is closed, returning the frame's request memory.
-    pub frame_stall_timeout_ms: u64,
+    /// A large frame must arrive whole within this long of its request memory being
+    /// granted, or its connection is closed (returning the memory). Above 0.
+    pub frame_timeout_ms: u64,
     /// Defaults for topics created without their own settings.
     pub segment_bytes: u64,
     pub segment_ms: Option<u64>,
@@ -69,7 +69,7 @@ impl Default for ServerConfig {
             max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
             max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
             request_memory_bytes: limits::REQUEST_MEMORY_BYTES_DEFAULT,
-            frame_stall_timeout_ms: limits::FRAME_STALL_TIMEOUT_MS_DEFAULT,
+            frame_timeout_ms: limits::FRAME_TIMEOUT_MS_DEFAULT,
             segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
             segment_ms: None,
             retention_bytes: None,
@@ -137,6 +137,9 @@ impl Broker {
                 "request_memory_bytes ({}) must hold the largest frame (max_frame_bytes + 4 = {largest})",
                 config.request_memory_bytes
             );
+        }
+        if config.frame_timeout_ms == 0 {
+            anyhow::bail!("frame_timeout_ms must be above 0");
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
@@ -214,7 +217,20 @@ impl Broker {
                 Some(cpu) => glommio::Placement::Fixed(cpu),
                 None => glommio::Placement::Unbound,
             };
-            let ex = crate::storage::uring::executor_builder(placement)
+            let mut builder = crate::storage::uring::executor_builder(placement);
+            // The shard's helper thread (segment creation, file deletion) runs
+            // beside its io_uring workers, off the shard's CPU.
+            if let Some(cpus) = &io_cpus {
+                let set = glommio::CpuSet::online()
+                    .map(|s| s.filter(|l| cpus.contains(&l.cpu)))
+                    .ok()
+                    .filter(|s| !s.is_empty());
+                if let Some(set) = set {
+                    builder = builder
+                        .blocking_thread_pool_placement(glommio::PoolPlacement::Fenced(1, set));
+                }
+            }
+            let ex = builder
                 .name(&format!("shard-{id}"))
                 .spawn(move || async move {
                     crate::storage::uring::spawn_heartbeat();

@@ -94,7 +94,11 @@ pub struct Shard {
     pub active: Cell<usize>,
     /// Bytes of large request frames being received or handled on this shard's
     /// connections, out of `request_memory_bytes` (see `conn`).
-    pub request_memory: Rc<glommio::sync::Semaphore>,
+    pub request_memory: conn::RequestMemory,
+    /// Topic creates and deletes run one at a time (on shard 0): each awaits I/O
+    /// between changing the catalog and the files, and a delete interleaved with a
+    /// create of the same name would remove the new topic's files.
+    admin_turn: glommio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Shard {
@@ -149,9 +153,8 @@ pub async fn run(
             io,
             cache: CacheBudget::new(shared.cache.clone()),
             active: Cell::new(0),
-            request_memory: Rc::new(glommio::sync::Semaphore::new(
-                shared.config.request_memory_bytes as u64,
-            )),
+            request_memory: conn::RequestMemory::new(shared.config.request_memory_bytes),
+            admin_turn: glommio::sync::Semaphore::new(1),
         });
         let topics: Vec<_> = shard
             .catalog
@@ -620,6 +623,11 @@ impl Shard {
     /// Topic creation and deletion, on shard 0 only.
     async fn admin(&self, req: Request) -> Reply {
         assert_eq!(self.id, 0, "admin requests run on shard 0");
+        let _turn = self
+            .admin_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| shutting_down())?;
         let change = match req {
             Request::CreateTopic { name, config } => {
                 if self.catalog.borrow().topics.contains_key(&name) {

@@ -386,7 +386,12 @@ impl CacheBudget {
                 // Another shard's block came back meanwhile.
                 return Some(Block::new(m, &mem, &l.held));
             }
-            if !l.evict_oldest() {
+            // Evict only if giving back all of this shard's blocks could make room:
+            // otherwise (a batch larger than the budget or this shard's share, with
+            // other shards holding the rest) it would empty the cache for nothing.
+            let others = mem.held().saturating_sub(l.held.load(Ordering::Relaxed));
+            let reachable = others + len as u64 <= mem.budget || len as u64 <= share;
+            if !reachable || !l.evict_oldest() {
                 return None;
             }
         }
@@ -632,6 +637,15 @@ mod tests {
         vec![fill; n]
     }
 
+    /// Appends and publishes `n` batches of 1,000 bytes of `byte` from position 0.
+    fn fill(c: &mut SegmentCache, n: u64, byte: u8) {
+        let b = batch(1000, byte);
+        for i in 0..n {
+            c.append(i * 1000, &b[..10], &b[10..]);
+            c.publish((i + 1) * 1000);
+        }
+    }
+
     #[test]
     fn publishes_only_written_bytes_and_reads_by_position() {
         let budget = CacheBudget::with_block_bytes(64 << 20, 1 << 20);
@@ -725,11 +739,7 @@ mod tests {
         assert!((7..=8).contains(&added), "added {added}");
         let budget = CacheBudget::new(mem.clone());
         let mut c = budget.segment_cache(0).unwrap();
-        let b = batch(1000, 5);
-        for i in 0..500u64 {
-            c.append(i * 1000, &b[..10], &b[10..]);
-            c.publish((i + 1) * 1000);
-        }
+        fill(&mut c, 500, 5);
         assert!(
             mem.blocks_mapped() <= added as u64 + 2,
             "mapped {} after prefaulting {added}",
@@ -768,15 +778,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_cannot_fit_evicts_nothing() {
+        let block = 16 * 1024;
+        let budget = CacheBudget::with_block_bytes(8 * block as u64, block);
+        let mut c = budget.segment_cache(0).unwrap();
+        fill(&mut c, 20, 4);
+        let used = budget.used();
+        // Larger than the whole budget, in the next segment: that one goes uncached,
+        // and what the first holds stays.
+        let mut d = budget.segment_cache(0).unwrap();
+        let huge = batch(9 * block, 5);
+        d.append(0, &huge[..10], &huge[10..]);
+        d.publish(huge.len() as u64);
+        assert!(d.region(0, u64::MAX).is_none());
+        assert_eq!(budget.evicted(), 0);
+        assert_eq!(budget.used(), used);
+        assert!(c.region(0, u64::MAX).is_some());
+    }
+
+    #[test]
     fn blocks_are_recycled_once_evicted() {
         let block = 16 * 1024;
         let budget = CacheBudget::with_block_bytes(4 * block as u64, block);
         let mut c = budget.segment_cache(0).unwrap();
-        let b = batch(1000, 3);
-        for i in 0..2000u64 {
-            c.append(i * 1000, &b[..10], &b[10..]);
-            c.publish((i + 1) * 1000);
-        }
+        fill(&mut c, 2000, 3);
         // 2 MB through a 64 KiB budget: never more blocks than the budget holds.
         assert!(
             budget.blocks_mapped() <= 4,
@@ -827,18 +852,11 @@ mod tests {
         let idle = CacheBudget::new(mem.clone());
         let busy = CacheBudget::new(mem.clone());
         let mut i = idle.segment_cache(0).unwrap();
-        let b = batch(1000, 1);
         // 16 batches fill a block: 120 take the idle shard to 8 blocks, the budget.
-        for k in 0..120u64 {
-            i.append(k * 1000, &b[..10], &b[10..]);
-            i.publish((k + 1) * 1000);
-        }
+        fill(&mut i, 120, 1);
         assert!(mem.used() <= 8 * block as u64);
         let mut c = busy.segment_cache(0).unwrap();
-        for k in 0..200u64 {
-            c.append(k * 1000, &b[..10], &b[10..]);
-            c.publish((k + 1) * 1000);
-        }
+        fill(&mut c, 200, 1);
         // The busy shard keeps about its share (half) instead of nothing.
         assert!(c.region(199 * 1000, u64::MAX).is_some());
         assert!(busy.evicted() > 0 && idle.evicted() == 0);
