@@ -95,6 +95,10 @@ pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 /// one trickling a byte at a time keeps the memory. 64 MiB in 30 s is 2.2 MB/s.
 pub const FRAME_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
+/// A response must be taken by its client within this long, or the connection is
+/// closed (8 MiB in 30 s is 280 kB/s).
+pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
 /// Requests one connection may have in flight; the reader stops reading past it.
 pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;
 

@@ -896,3 +896,53 @@ fn a_create_that_fails_on_a_shard_leaves_no_topic_behind() {
     }
     b.stop();
 }
+
+#[test]
+fn a_client_that_stops_reading_is_closed_and_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start_with_config(
+        dir.path(),
+        "write_timeout_ms = 500\nplacement = \"unpinned\"\n",
+        &["--cores", "1"],
+    );
+    let c = b.conn();
+    c.create_topic("w", topic(1)).unwrap();
+    for i in 0..4 {
+        let r = c.call(&produce_request("w", 0, &format!("w{i}"), 100, 10_000));
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    // 50 fetches of the whole 4 MB, and never a byte read back: far more than the
+    // socket buffers hold, so the broker's writer blocks.
+    let mut lazy = TcpStream::connect(&b.addr).unwrap();
+    let mut v = Vec::new();
+    for id in 1..=50 {
+        let fetch = Request::Fetch {
+            topic: "w".into(),
+            partition: 0,
+            offset: Offset(0),
+            max_bytes: 8 << 20,
+            max_wait_ms: 0,
+        };
+        protocol::encode_request(id, &fetch, &mut v);
+    }
+    lazy.write_all(&v).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Everyone else is served meanwhile.
+    assert_eq!(read_partition(&b.addr, "w", 0).len(), 400);
+    // The lazy client finds what was sent before the broker gave up, then the end.
+    lazy.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let r = lazy.read_to_end(&mut got);
+    assert!(
+        r.is_ok() || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "connection still open after the write timeout: {r:?} ({} bytes read)",
+        got.len()
+    );
+    assert!(
+        got.len() < 50 * 4_000_000,
+        "{} bytes: nothing was held back",
+        got.len()
+    );
+    b.stop();
+}

@@ -64,17 +64,29 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     let (mut rd, mut wr) = futures_lite::io::split(stream);
     let cfg = &shard.shared.config;
     let (tx, rx) = local_channel::new_bounded::<Outgoing>(cfg.max_in_flight_per_connection + 2);
+    // Dropped when the writer ends (the client went away, or stopped reading), which
+    // ends the reader too.
+    let (writer_alive, writer_gone) = local_channel::new_bounded::<()>(1);
+    let write_timeout = Duration::from_millis(cfg.write_timeout_ms);
     let writer = glommio::spawn_local(async move {
+        let _alive = writer_alive;
+        // Each response must be taken by the client within the timeout: a client
+        // that stops reading would otherwise pin its queued responses (and the cache
+        // blocks and maps they point into) for as long as it stays connected.
         while let Some((head, tail)) = rx.recv().await {
-            if wr.write_all(&head).await.is_err() {
-                return;
-            }
-            for b in tail {
-                if wr.write_all(&b).await.is_err() {
-                    return;
+            let sent = async {
+                wr.write_all(&head).await?;
+                for b in &tail {
+                    wr.write_all(b).await?;
                 }
-            }
-            if wr.flush().await.is_err() {
+                wr.flush().await
+            };
+            let late = async {
+                glommio::timer::sleep(write_timeout).await;
+                Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            };
+            if let Err(e) = futures_lite::future::or(sent, late).await {
+                tracing::debug!(?peer, error = %e, "closing a connection whose client does not take its responses");
                 return;
             }
         }
@@ -186,6 +198,11 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
         let limit = held
             .is_some()
             .then(|| deadline.saturating_duration_since(Instant::now()));
+        let gone = async {
+            // Ends only when the writer has ended.
+            while writer_gone.recv().await.is_some() {}
+            None
+        };
         let read = futures_lite::future::or(async { Some(rd.read(room).await) }, async {
             match limit {
                 Some(d) => {
@@ -198,8 +215,8 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 None => wait_shutdown(&shard.shared).await,
             }
             None
-        })
-        .await;
+        });
+        let read = futures_lite::future::or(read, gone).await;
         match read {
             Some(Ok(n)) if n > 0 => filled += n,
             _ => break,

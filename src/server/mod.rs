@@ -42,6 +42,9 @@ pub struct ServerConfig {
     /// A large frame must arrive whole within this long of its request memory being
     /// granted, or its connection is closed (returning the memory). Above 0.
     pub frame_timeout_ms: u64,
+    /// A response must be taken by its client within this long, or the connection
+    /// is closed. Above 0.
+    pub write_timeout_ms: u64,
     /// Defaults for topics created without their own settings.
     pub segment_bytes: u64,
     pub segment_ms: Option<u64>,
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
             max_in_flight_per_connection: limits::CONNECTION_IN_FLIGHT_MAX_DEFAULT,
             request_memory_bytes: limits::REQUEST_MEMORY_BYTES_DEFAULT,
             frame_timeout_ms: limits::FRAME_TIMEOUT_MS_DEFAULT,
+            write_timeout_ms: limits::WRITE_TIMEOUT_MS_DEFAULT,
             segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
             segment_ms: None,
             retention_bytes: None,
@@ -138,8 +142,8 @@ impl Broker {
                 config.request_memory_bytes
             );
         }
-        if config.frame_timeout_ms == 0 {
-            anyhow::bail!("frame_timeout_ms must be above 0");
+        if config.frame_timeout_ms == 0 || config.write_timeout_ms == 0 {
+            anyhow::bail!("frame_timeout_ms and write_timeout_ms must be above 0");
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
