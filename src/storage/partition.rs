@@ -20,7 +20,7 @@ use crate::batch::{BatchError, ValidBatch};
 use crate::limits;
 use crate::storage::io::LogIo;
 use crate::storage::segment::{
-    self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment,
+    self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment, Trim,
 };
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
@@ -321,6 +321,8 @@ pub struct Partition<B: LogIo> {
     spare_kicks: Watermark,
     /// A segment was renamed into the directory since the last sync job was taken.
     dir_unsynced: bool,
+    /// Sealed segments marked trimmed whose files are still to be cut.
+    trims: Vec<Trim>,
 }
 
 /// The partition's next segment, prepared off the shard's thread (see
@@ -488,6 +490,7 @@ impl<B: LogIo> Partition<B> {
             spare: Spare::Idle,
             spare_kicks: Watermark::new(0),
             dir_unsynced: false,
+            trims: Vec::new(),
         };
         Ok((p, report))
     }
@@ -893,7 +896,9 @@ impl<B: LogIo> Partition<B> {
     }
 
     /// Reports the outcome of [`SyncJob::run`]: advances the durable watermark
-    /// (acknowledging `Fsync` producers) and trims sealed segments that are done.
+    /// (acknowledging `Fsync` producers) and marks sealed segments that are done as
+    /// trimmed. The files are cut to length by [`sync_shared`] (on a helper thread)
+    /// or the next [`Partition::flush`].
     pub fn complete_sync(
         &mut self,
         job: &SyncJob<B>,
@@ -924,12 +929,13 @@ impl<B: LogIo> Partition<B> {
         if self.pending_bytes() > 0 {
             self.kicks.advance(self.kicks.get() + 1);
         }
-        for seg in self.segments.iter_mut() {
+        for i in 0..self.segments.len() {
+            let seg = &mut self.segments[i];
             if seg.state == (segment::SegmentState::Sealed { trimmed: false }) && seg.fully_synced()
             {
-                if let Err(e) = seg.trim() {
-                    let reason = e.to_string();
-                    return Err(self.fence_with("truncate", reason));
+                match seg.trim() {
+                    Ok(t) => self.trims.push(t),
+                    Err(e) => return Err(self.fence_with("truncate", e.to_string())),
                 }
             }
         }
@@ -968,7 +974,13 @@ impl<B: LogIo> Partition<B> {
             let r = job.run(&io).await;
             self.complete_sync(&job, r)?;
         }
-        Ok(())
+        // Cut sealed segments to length here and now; a failure fences, as a failed
+        // sync would.
+        let trims = std::mem::take(&mut self.trims);
+        match trims.iter().try_for_each(Trim::run) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fence_with("truncate", e.to_string())),
+        }
     }
 
     /// `Err(Fenced)` once a write or sync has failed.
@@ -1184,5 +1196,15 @@ pub async fn sync_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool,
     let io = part.borrow().io.clone();
     let r = job.run(&io).await;
     part.borrow_mut().complete_sync(&job, r)?;
+    // Cutting sealed segments to length blocks for 0.2-0.5 ms each: on the helper.
+    let trims = std::mem::take(&mut part.borrow_mut().trims);
+    if !trims.is_empty() {
+        let cut = io
+            .run_blocking(move || trims.iter().try_for_each(Trim::run))
+            .await;
+        if let Err(e) = cut {
+            return Err(part.borrow_mut().fence_with("truncate", e.to_string()));
+        }
+    }
     Ok(true)
 }
