@@ -99,8 +99,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     let mut filled = 0;
     // Request memory held for the large frame being received, and when that frame
     // must be complete.
-    let mut held: Option<StaticPermit> = None;
-    let mut deadline = Instant::now();
+    let mut held: Option<(StaticPermit, Instant)> = None;
     'conn: loop {
         // Every whole frame in the buffer.
         loop {
@@ -128,18 +127,16 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                             None
                         })
                         .await;
-                    match granted {
-                        Some(p) => held = Some(p),
-                        None => break 'conn,
-                    }
-                    deadline = Instant::now() + Duration::from_millis(cfg.frame_timeout_ms);
+                    let Some(p) = granted else { break 'conn };
+                    let deadline = Instant::now() + Duration::from_millis(cfg.frame_timeout_ms);
+                    held = Some((p, deadline));
                 }
                 if held.is_some() && buf.len() < total {
                     buf.resize(total, 0);
                 }
                 break;
             }
-            let memory = held.take();
+            let memory = held.take().map(|(p, _)| p);
             filled -= total;
             let frame = buf.split_to(total).freeze().slice(LENGTH_PREFIX_LEN..);
             if frame.len() < REQUEST_HEADER_LEN {
@@ -196,8 +193,8 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
         let room = &mut buf[filled..];
         // Holding request memory, the frame must be complete by its deadline.
         let limit = held
-            .is_some()
-            .then(|| deadline.saturating_duration_since(Instant::now()));
+            .as_ref()
+            .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()));
         let gone = async {
             // Ends only when the writer has ended.
             while writer_gone.recv().await.is_some() {}

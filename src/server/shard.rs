@@ -663,9 +663,11 @@ impl Shard {
             // half-open topic that says it exists).
             tracing::warn!(topic = name, error = %e.1, "create failed; removing the topic again");
             let undo = CatalogChange::Delete { name: name.clone() };
-            if let Err((_, u)) = self.save_catalog(&undo) {
-                tracing::error!(topic = name, error = %u, "could not undo a failed create");
-            } else if let Err((_, u)) = self.change_everywhere(&undo).await {
+            let undone = match self.save_catalog(&undo) {
+                Ok(()) => self.change_everywhere(&undo).await,
+                Err(e) => Err(e),
+            };
+            if let Err((_, u)) = undone {
                 tracing::error!(topic = name, error = %u, "could not undo a failed create");
             }
         }

@@ -563,9 +563,7 @@ impl<B: LogIo> Partition<B> {
         now: Instant,
         wall: TimestampMs,
     ) -> Result<Appended, StorageError> {
-        if let Some(e) = self.fenced_error() {
-            return Err(e);
-        }
+        self.check_fenced()?;
         let b = ValidBatch::parse(batch)?;
         if b.batch().len() != batch.len() {
             return Err(BatchError::TrailingBytes {
@@ -585,9 +583,7 @@ impl<B: LogIo> Partition<B> {
         now: Instant,
         wall: TimestampMs,
     ) -> Result<Appended, StorageError> {
-        if let Some(e) = self.fenced_error() {
-            return Err(e);
-        }
+        self.check_fenced()?;
         let b = batch.batch();
         let len = b.len() as u64;
         if len > self.capacity {

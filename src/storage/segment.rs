@@ -185,12 +185,17 @@ pub fn scan(
 
 /// Removes a segment's `.log`, `.index` and `.timeindex`; returns the paths removed.
 pub(crate) fn remove_files(dir: &Path, base: Offset) -> Result<Vec<PathBuf>, StorageError> {
-    let mut removed = Vec::new();
-    for p in [
+    remove_existing([
         log_path(dir, base),
         index_path(dir, base),
         time_index_path(dir, base),
-    ] {
+    ])
+}
+
+/// Removes those of `paths` that exist; returns them.
+fn remove_existing(paths: [PathBuf; 3]) -> Result<Vec<PathBuf>, StorageError> {
+    let mut removed = Vec::new();
+    for p in paths {
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -466,15 +471,8 @@ impl SpareSegment {
     /// Creates a spare of `capacity` bytes in `dir`, replacing any spare files
     /// left there. Blocks; meant for a helper thread.
     pub(crate) fn create(dir: &Path, capacity: u64) -> Result<SpareSegment, StorageError> {
-        let paths = spare_paths(dir);
-        for p in &paths {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io("remove", p, e)),
-            }
-        }
-        let files = SegmentFiles::create(dir, &paths, capacity)?;
+        remove_existing(spare_paths(dir))?;
+        let files = SegmentFiles::create(dir, &spare_paths(dir), capacity)?;
         Ok(SpareSegment { files, capacity })
     }
 
