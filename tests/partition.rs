@@ -657,6 +657,42 @@ fn jobs_finishing_after_a_fence_report_it_without_panicking() {
     assert!(p.begin_sync().is_none());
 }
 
+/// The flush delay coalesces writes nobody waits on; a producer waiting for fsync
+/// is written at once, since its sync cannot start before the write.
+#[test]
+fn fsync_waiters_skip_the_flush_delay() {
+    use ringbus::storage::FlushDue;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        flush_delay_us: 10_000_000,
+        ..PartitionConfig::default()
+    };
+    let (mut p, _) = open(dir.path(), cfg);
+    let now = Instant::now();
+    let last = append(&mut p, &batch("a", 10, 100, 1_000)).last_offset;
+    assert!(
+        matches!(p.flush_due(now), FlushDue::At(at) if at > now),
+        "nobody waits: the delay applies"
+    );
+    let mut memory = Box::pin(p.wait_for(last, Durability::Memory));
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut memory)).is_none());
+    assert!(
+        matches!(p.flush_due(now), FlushDue::At(_)),
+        "a memory waiter still coalesces"
+    );
+    let mut fsync = Box::pin(p.wait_for(last, Durability::Fsync));
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut fsync)).is_none());
+    assert_eq!(
+        p.flush_due(now),
+        FlushDue::Now,
+        "an fsync waiter is written at once"
+    );
+    drop(fsync);
+    assert!(matches!(p.flush_due(now), FlushDue::At(_)));
+    p.flush_blocking().unwrap();
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut memory)).is_some());
+}
+
 /// A partial chunk is held back while I/O is in flight: writing it would carry its
 /// last block and stall every later job (40% of jobs were such carries under load).
 #[test]

@@ -79,7 +79,8 @@ pub struct PartitionConfig {
     pub retention_ms: Option<u64>,
     /// Group commit: flush once this many bytes are pending ...
     pub flush_bytes: u64,
-    /// ... or once the oldest pending byte waited this long.
+    /// ... or once the oldest pending byte waited this long. Not applied while a
+    /// producer waits for fsync durability: that data is written at once.
     pub flush_delay_us: u64,
     pub recovery: RecoveryPolicy,
 }
@@ -741,6 +742,16 @@ impl<B: LogIo> Partition<B> {
             // Measured: 40% of jobs were carries with 8 MiB in flight, and the
             // appends ran at 0.7x of what 16 MiB in flight (1% carries) reached.
             return FlushDue::Idle;
+        }
+        if self.durable.waiter_count() > 0 {
+            // A producer waits for fsync: the sync that acknowledges it cannot
+            // start before this write, so the delay would only add to its latency.
+            // Group commit still happens at the sync: data that arrives while one
+            // runs is held back above and goes out together after it. Measured with
+            // scenario e's client at 140k msgs/s of 1 KB: ack p50 0.85-0.92 ms, from
+            // 1.12-1.14 ms with the 200 us delay. At 550k msgs/s a sync is nearly
+            // always in flight, so p50 stayed at 2.1-2.3 ms.
+            return FlushDue::Now;
         }
         let since = self.pending_since.unwrap_or(now);
         let at = since + Duration::from_micros(self.config.flush_delay_us);
