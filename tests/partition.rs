@@ -159,6 +159,58 @@ proptest! {
     }
 }
 
+/// A read that would fault pages in from the disk is found before it runs (so the
+/// server can bring them in on a helper thread), and reads that the tail cache or
+/// resident pages serve are not.
+#[test]
+fn cold_reads_are_found_before_they_fault() {
+    use ringbus::storage::mmap;
+    // On the build's own filesystem: tmpfs pages are always resident.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    let budget = CacheBudget::with_block_bytes(1 << 20, 64 * 1024);
+    p.set_tail_cache(budget);
+    for i in 0..100 {
+        append(&mut p, &batch(&format!("c{i}"), 4, 500, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    assert!(
+        p.cold_span(Offset(0), 64 * 1024).is_none(),
+        "the tail cache serves this read"
+    );
+    assert!(
+        p.cold_span(p.next_offset(), 64 * 1024).is_none(),
+        "nothing to read"
+    );
+    let expected = read_all(&p, Offset(0));
+    drop(p);
+    // Reopened: no cache for recovered batches, so reads come from the maps.
+    let (q, _) = open(dir.path(), small_config());
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok();
+    match q.cold_span(Offset(0), 64 * 1024) {
+        Some((span, ahead)) => {
+            assert!(!span.is_empty() && ahead.len() >= span.len());
+            assert!(!mmap::resident(&span));
+            mmap::fault_in(&span, &ahead);
+            assert!(mmap::resident(&span), "fault_in left pages out");
+            assert!(q.cold_span(Offset(0), 64 * 1024).is_none(), "now resident");
+        }
+        // Without the right to drop the page cache (not root), the pages the test
+        // wrote may still be resident; nothing to warm then.
+        None => assert!(
+            !dropped,
+            "{} was dropped from memory but not found cold",
+            seg.display()
+        ),
+    }
+    assert_eq!(read_all(&q, Offset(0)), expected);
+}
+
 #[test]
 fn tail_cache_serves_fresh_batches_evicts_the_oldest_and_matches_the_maps() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use crate::protocol::{
     ErrorCode, OffsetSpec, PartitionInfo, PartitionSelector, Request, Response, TopicConfig,
     TopicInfo, API_VERSIONS,
 };
-use crate::storage::partition::apply_retention_shared;
+use crate::storage::partition::{apply_retention_shared, warm_for_read};
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
 use crate::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
@@ -530,6 +530,8 @@ impl Shard {
             } => {
                 let deadline = Instant::now() + Duration::from_millis(u64::from(max_wait_ms));
                 loop {
+                    // Cold pages are read on a helper thread, not faulted in here.
+                    warm_for_read(&slot.part, offset, max_bytes as usize).await;
                     let (res, written) = {
                         let part = slot.part.borrow();
                         (part.read(offset, max_bytes as usize), part.written_watch())

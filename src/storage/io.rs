@@ -247,18 +247,6 @@ pub fn lock_dir(dir: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-/// Starts reading `[offset, offset + len)` of `file` into the page cache in the
-/// background (`POSIX_FADV_WILLNEED`), so later faults on its map find the pages.
-/// Advisory: errors are ignored.
-pub fn prefetch(file: &File, offset: u64, len: u64) {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return;
-    };
-    // SAFETY: posix_fadvise only reads its integer arguments; an invalid range or
-    // descriptor yields an error code, never undefined behaviour.
-    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
-}
-
 /// The machine's physical memory, if the system reports it.
 pub fn physical_memory_bytes() -> Option<u64> {
     // SAFETY: sysconf only reads its integer argument and returns -1 for an

@@ -1,4 +1,5 @@
-//! Read-only memory maps of segment files, handed out as `bytes::Bytes`.
+//! Read-only memory maps of segment files, handed out as `bytes::Bytes`, and the
+//! page residency checks that keep a shard from faulting cold pages in itself.
 //!
 //! This module is the only place that maps files, which is why it may use `unsafe`.
 //! A map is wrapped in a `Bytes` whose owner is the `Mmap`; every slice handed to a
@@ -17,6 +18,64 @@ use bytes::Bytes;
 use memmap2::MmapOptions;
 use std::fs::File;
 use std::io;
+use std::sync::OnceLock;
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads its integer argument.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(p)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+/// The page-aligned span of memory that covers `bytes`.
+fn pages(bytes: &[u8]) -> (*mut libc::c_void, usize) {
+    let page = page_size();
+    let start = bytes.as_ptr() as usize;
+    let first = start & !(page - 1);
+    let end = (start + bytes.len()).next_multiple_of(page);
+    (first as *mut libc::c_void, end - first)
+}
+
+/// Whether every page under `bytes`, a slice of a map from [`map_readonly`], is in
+/// memory, so that reading it will not wait for the disk. Answers `true` when the
+/// kernel cannot tell (the caller then reads as it would have anyway).
+pub fn resident(bytes: &[u8]) -> bool {
+    if bytes.is_empty() {
+        return true;
+    }
+    let (addr, len) = pages(bytes);
+    let mut vec = vec![0u8; len / page_size()];
+    // SAFETY: `addr..addr + len` covers pages of a live mapping (the caller's slice
+    // keeps it mapped), `addr` is page-aligned, and `vec` has one byte per page of
+    // that span, which is all mincore writes.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    rc != 0 || vec.iter().all(|v| v & 1 == 1)
+}
+
+/// Brings the pages under `bytes` into memory: asks the kernel to read `ahead` (a
+/// larger slice of the same map that holds `bytes`, for the reads that follow) in
+/// large requests, then touches every page of `bytes`. Blocks on the disk: call it
+/// on a helper thread, never on a shard's.
+pub fn fault_in(bytes: &[u8], ahead: &[u8]) {
+    let (addr, len) = pages(ahead);
+    if len > 0 {
+        // SAFETY: MADV_WILLNEED only starts reads of the pages of this live,
+        // page-aligned span; it never changes their contents. Advisory: the result
+        // is ignored.
+        let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
+    }
+    let page = page_size();
+    let mut sum = 0u8;
+    for i in (0..bytes.len()).step_by(page) {
+        sum = sum.wrapping_add(bytes[i]);
+    }
+    std::hint::black_box(sum);
+}
 
 /// Maps the first `len` bytes of `file` read-only. An empty length yields empty
 /// `Bytes` (mmap of zero bytes is an error on Linux).

@@ -19,6 +19,7 @@
 use crate::batch::{BatchError, ValidBatch};
 use crate::limits;
 use crate::storage::io::LogIo;
+use crate::storage::mmap;
 use crate::storage::segment::{
     self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment, Trim,
 };
@@ -1076,6 +1077,27 @@ impl<B: LogIo> Partition<B> {
         })
     }
 
+    /// The map bytes that [`Partition::read`] from `from` would have to fault in from
+    /// the disk, with a larger span to read ahead (see [`warm_for_read`]); `None`
+    /// when they are in memory already (the tail cache, or resident pages) or
+    /// nothing is written at `from`. Looks at the first segment the read touches.
+    pub fn cold_span(&self, from: Offset, max_bytes: usize) -> Option<(Bytes, Bytes)> {
+        if from < self.log_start() || from >= self.written_offset() {
+            return None;
+        }
+        let first = self
+            .segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1);
+        let seg = self
+            .segments
+            .iter()
+            .skip(first)
+            .find(|s| from.max(s.base) < s.written_next)?;
+        let (span, ahead) = seg.cold_span(from.max(seg.base), max_bytes)?;
+        (!mmap::resident(&span)).then_some((span, ahead))
+    }
+
     /// The first offset whose batch carries a timestamp at or after `ts`.
     pub fn offset_for_timestamp(&self, ts: TimestampMs) -> Result<Option<Offset>, StorageError> {
         for seg in &self.segments {
@@ -1148,6 +1170,21 @@ pub async fn run_write_shared<B: LogIo>(
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
     part.borrow_mut().complete_write(&job, r)
+}
+
+/// Faults in, on a helper thread, the map pages that a read from `from` would
+/// otherwise fault in on the shard's thread (a consumer behind the tail cache, or
+/// reading after a restart), so the shard keeps serving while the disk reads. Reads
+/// that the tail cache or resident pages serve skip it. Pages can be evicted again
+/// before the read; the read is still correct, only slower.
+pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset, max_bytes: usize) {
+    let (cold, io) = {
+        let p = part.borrow();
+        (p.cold_span(from, max_bytes), p.io.clone())
+    };
+    if let Some((span, ahead)) = cold {
+        io.run_blocking(move || mmap::fault_in(&span, &ahead)).await;
+    }
 }
 
 /// Removes the files of the segments at `bases` (already dropped from their

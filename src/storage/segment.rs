@@ -1154,6 +1154,28 @@ impl<B: LogIo> Segment<B> {
         })
     }
 
+    /// The map bytes that [`Segment::read`] from `offset` of about `max_bytes` would
+    /// fault in (from the index entry before `offset`, so the header scan is
+    /// covered), and a larger span of the map to read ahead for the reads after it.
+    /// `None` when the read starts in the tail cache or nothing is written at
+    /// `offset`.
+    pub(crate) fn cold_span(&self, offset: Offset, max_bytes: usize) -> Option<(Bytes, Bytes)> {
+        if offset >= self.written_next || self.written_len == 0 {
+            return None;
+        }
+        let limit = self.written_len;
+        let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
+        let pos = index::lookup(&self.index, rel, limit).map_or(0, |e| u64::from(e.position));
+        let (region, from_map) = self.region(pos, limit);
+        if !from_map {
+            return None;
+        }
+        let want = max_bytes.saturating_add(2 * INDEX_INTERVAL_BYTES as usize);
+        let span = region.slice(..want.min(region.len()));
+        let ahead = region.slice(..want.saturating_add(max_bytes).min(region.len()));
+        Some((span, ahead))
+    }
+
     /// Reads whole batches starting with the one that holds `offset`, up to
     /// `max_bytes` (past it by one batch when `at_least_one` and the first batch is
     /// larger), from written bytes only, and pushes them onto `out` (one slice per
@@ -1218,12 +1240,6 @@ impl<B: LogIo> Segment<B> {
             pos += len as u64;
         }
         let start = pos;
-        if from_map {
-            // Reads past the page cache fault one small piece at a time; ask for
-            // this read and the next one in large requests instead.
-            let ahead = (2 * max_bytes as u64).min(limit - start);
-            sio::prefetch(&self.file, start, ahead);
-        }
         let mut next = None;
         // Start of the bytes of the current region not yet pushed.
         let mut pushed_to = start;
