@@ -99,6 +99,15 @@ pub const FRAME_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// closed (8 MiB in 30 s is 280 kB/s).
 pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
+/// TCP keepalive on client connections: the first probe after this long without
+/// traffic ...
+pub const TCP_KEEPALIVE_IDLE_S: u64 = 60;
+/// ... then one probe this often ...
+pub const TCP_KEEPALIVE_INTERVAL_S: u64 = 10;
+/// ... and the connection is dropped after this many go unanswered (a dead peer is
+/// found within about two minutes, and its connection slot and memory freed).
+pub const TCP_KEEPALIVE_PROBES: u32 = 6;
+
 /// Requests one connection may have in flight; the reader stops reading past it.
 pub const CONNECTION_IN_FLIGHT_MAX_DEFAULT: usize = 128;
 

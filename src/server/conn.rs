@@ -16,8 +16,14 @@
 //! clients). Frames get their memory in arrival order, and must then arrive whole
 //! within `frame_timeout_ms`, or the connection is closed. Smaller frames share read
 //! chunks; at most `max_in_flight_per_connection` of them are held per connection.
+//!
+//! Liveness: connections use TCP keepalive (first probe after 60 s idle), so a
+//! client whose machine or network went away without closing is dropped within
+//! about two minutes instead of holding its slot, and anything it pinned, for good.
+//! Idle clients that are alive are never disconnected.
 
 use super::shard::{wait_shutdown, Shard};
+use crate::limits;
 use crate::protocol::{self, ErrorCode, FrameError, LENGTH_PREFIX_LEN, REQUEST_HEADER_LEN};
 use bytes::{Bytes, BytesMut};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,9 +64,25 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 type Outgoing = (Vec<u8>, Vec<Bytes>);
 
+/// Turns on TCP keepalive with the probe timing in `limits`.
+#[allow(unsafe_code)]
+pub(crate) fn keep_alive(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    // SAFETY: the descriptor belongs to `socket`, which the caller keeps open for the
+    // whole call; the borrow does not outlive it and nothing closes it here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(limits::TCP_KEEPALIVE_IDLE_S))
+        .with_interval(Duration::from_secs(limits::TCP_KEEPALIVE_INTERVAL_S))
+        .with_retries(limits::TCP_KEEPALIVE_PROBES);
+    socket2::SockRef::from(&fd).set_tcp_keepalive(&params)
+}
+
 pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
+    if let Err(e) = keep_alive(&stream) {
+        tracing::warn!(?peer, error = %e, "could not turn on TCP keepalive");
+    }
     let (mut rd, mut wr) = futures_lite::io::split(stream);
     let cfg = &shard.shared.config;
     let (tx, rx) = local_channel::new_bounded::<Outgoing>(cfg.max_in_flight_per_connection + 2);
@@ -238,4 +260,33 @@ async fn send_error(
     let mut head = Vec::new();
     protocol::encode_error(correlation_id, code, msg, &mut head);
     let _ = tx.send((head, Vec::new())).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_sets_the_probe_timing() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let sock = socket2::SockRef::from(&server);
+        assert!(!sock.keepalive().unwrap());
+        keep_alive(&server).unwrap();
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.keepalive_time().unwrap(),
+            Duration::from_secs(limits::TCP_KEEPALIVE_IDLE_S)
+        );
+        assert_eq!(
+            sock.keepalive_interval().unwrap(),
+            Duration::from_secs(limits::TCP_KEEPALIVE_INTERVAL_S)
+        );
+        assert_eq!(
+            sock.keepalive_retries().unwrap(),
+            limits::TCP_KEEPALIVE_PROBES
+        );
+        drop(client);
+    }
 }
