@@ -122,6 +122,12 @@ pub const TOPIC_PARTITIONS_MAX: u32 = 10_000;
 /// far below 4 GiB.
 pub const FETCH_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
+/// At most this much of a cold fetch is faulted in on the helper thread before the
+/// fetch runs (the rest, if any, faults on the shard). The helper is one thread per
+/// shard that also makes spares and removes files, so one cold read must not hold it
+/// for long: 8 MiB is about 8 ms of reading at this disk's speed.
+pub const COLD_WARM_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 /// Longest a fetch may wait for data at the tail.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 

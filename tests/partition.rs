@@ -186,28 +186,23 @@ fn cold_reads_are_found_before_they_fault() {
     drop(p);
     // Reopened: no cache for recovered batches, so reads come from the maps.
     let (q, _) = open(dir.path(), small_config());
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "log"))
-        .unwrap();
-    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok();
-    match q.cold_span(Offset(0), 64 * 1024) {
-        Some((span, ahead)) => {
-            assert!(!span.is_empty() && ahead.len() >= span.len());
-            assert!(!mmap::resident(&span));
-            mmap::fault_in(&span, &ahead);
-            assert!(mmap::resident(&span), "fault_in left pages out");
-            assert!(q.cold_span(Offset(0), 64 * 1024).is_none(), "now resident");
-        }
-        // Without the right to drop the page cache (not root), the pages the test
-        // wrote may still be resident; nothing to warm then.
-        None => assert!(
-            !dropped,
-            "{} was dropped from memory but not found cold",
+    // The first segment, which holds offset 0.
+    let seg = dir.path().join(format!("{:020}.log", 0));
+    // Drop the file's cached pages (the target directory is on a disk filesystem:
+    // tmpfs would keep them).
+    ringbus::storage::io::drop_cached_pages(&std::fs::File::open(&seg).unwrap()).unwrap();
+    let (span, ahead) = q.cold_span(Offset(0), 64 * 1024).unwrap_or_else(|| {
+        panic!(
+            "{} is out of memory but the read was not found cold",
             seg.display()
-        ),
-    }
+        )
+    });
+    assert!(!span.is_empty() && ahead.len() >= span.len());
+    assert!(!mmap::resident(&ahead));
+    mmap::fault_in(&span, &ahead);
+    assert!(mmap::resident(&span), "fault_in left pages out");
+    mmap::fault_in(&ahead, &ahead);
+    assert!(q.cold_span(Offset(0), 64 * 1024).is_none(), "now resident");
     assert_eq!(read_all(&q, Offset(0)), expected);
 }
 

@@ -247,6 +247,20 @@ pub fn lock_dir(dir: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Asks the kernel to drop `file`'s clean cached pages that no process has mapped
+/// (`POSIX_FADV_DONTNEED`), so that later reads go to the disk: for tools and tests
+/// that measure or exercise cold reads.
+pub fn drop_cached_pages(file: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is valid for the
+    // borrow of `file`.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// The machine's physical memory, if the system reports it.
 pub fn physical_memory_bytes() -> Option<u64> {
     // SAFETY: sysconf only reads its integer argument and returns -1 for an

@@ -1078,9 +1078,10 @@ impl<B: LogIo> Partition<B> {
     }
 
     /// The map bytes that [`Partition::read`] from `from` would have to fault in from
-    /// the disk, with a larger span to read ahead (see [`warm_for_read`]); `None`
-    /// when they are in memory already (the tail cache, or resident pages) or
-    /// nothing is written at `from`. Looks at the first segment the read touches.
+    /// the disk (at most `COLD_WARM_BYTES_MAX`), with the span after them to read
+    /// ahead (see [`warm_for_read`]); `None` when both are in memory already (the
+    /// tail cache, or resident pages) or nothing is written at `from`. Looks at the
+    /// first segment the read touches.
     pub fn cold_span(&self, from: Offset, max_bytes: usize) -> Option<(Bytes, Bytes)> {
         if from < self.log_start() || from >= self.written_offset() {
             return None;
@@ -1095,7 +1096,10 @@ impl<B: LogIo> Partition<B> {
             .skip(first)
             .find(|s| from.max(s.base) < s.written_next)?;
         let (span, ahead) = seg.cold_span(from.max(seg.base), max_bytes)?;
-        (!mmap::resident(&span)).then_some((span, ahead))
+        // Looking at the read-ahead span too keeps a sequential reader's next fetch
+        // in flight while this one is served (checked on the first span only, the
+        // next fetch would find its pages cold every other time).
+        (!mmap::resident(&ahead)).then_some((span, ahead))
     }
 
     /// The first offset whose batch carries a timestamp at or after `ts`.

@@ -13,7 +13,8 @@
 
 use crate::batch::{self, BatchRef, HEADER_LEN};
 use crate::limits::{
-    INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_BUFFERS_FREE_MAX, STAGING_CHUNK_BYTES,
+    COLD_WARM_BYTES_MAX, INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_BUFFERS_FREE_MAX,
+    STAGING_CHUNK_BYTES,
 };
 use crate::storage::index::{self, IndexEntry, TimeEntry};
 use crate::storage::io::{self as sio, LogIo, WriteBuf};
@@ -1172,7 +1173,8 @@ impl<B: LogIo> Segment<B> {
 
     /// The map bytes that [`Segment::read`] from `offset` of about `max_bytes` would
     /// fault in (from the index entry before `offset`, so the header scan is
-    /// covered), and a larger span of the map to read ahead for the reads after it.
+    /// covered; at most `COLD_WARM_BYTES_MAX`), and twice that span of the map to
+    /// read ahead for the read after it.
     /// `None` when the read starts in the tail cache or nothing is written at
     /// `offset`.
     pub(crate) fn cold_span(&self, offset: Offset, max_bytes: usize) -> Option<(Bytes, Bytes)> {
@@ -1186,9 +1188,11 @@ impl<B: LogIo> Segment<B> {
         if !from_map {
             return None;
         }
-        let want = max_bytes.saturating_add(2 * INDEX_INTERVAL_BYTES as usize);
+        let want = max_bytes
+            .min(COLD_WARM_BYTES_MAX)
+            .saturating_add(2 * INDEX_INTERVAL_BYTES as usize);
         let span = region.slice(..want.min(region.len()));
-        let ahead = region.slice(..want.saturating_add(max_bytes).min(region.len()));
+        let ahead = region.slice(..(2 * want).min(region.len()));
         Some((span, ahead))
     }
 

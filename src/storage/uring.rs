@@ -271,8 +271,17 @@ async fn write_loop<B: LogIo>(
                     let kicked = async {
                         kicks.wait_for(kick).await.ok();
                     };
+                    // An append during the delay may come from an fsync producer,
+                    // whose data is due at once (see `flush_due`): look again.
+                    let more = async {
+                        appended.wait_for(next).await.ok();
+                    };
                     let wait = at.saturating_duration_since(Instant::now());
-                    futures_lite::future::or(glommio::timer::sleep(wait), kicked).await;
+                    futures_lite::future::or(
+                        glommio::timer::sleep(wait),
+                        futures_lite::future::or(kicked, more),
+                    )
+                    .await;
                 }
                 // Due, but no job could start: a running one must finish first. With
                 // none running (not expected), look again shortly instead of hanging.
