@@ -20,6 +20,8 @@
 #   b  the same with memory durability
 #   c  4 producers x 4 partitions across the shards, fsync
 #   d  1 consumer catching up on a backlog of BACKLOG_MSGS written just before
+#   d-cold  the same after a broker restart with the segments out of the page cache
+#      (read from the disk; no target, no peer figure)
 #   e  fixed rate at 50% of a's throughput, fsync, 1 live consumer: latency percentiles
 #   f  100 B messages in batches of 100, fsync
 # Peer: redis-server from Debian, Redis Streams (XADD / XRANGE) driven by
@@ -92,6 +94,7 @@ run a --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability 
 run b --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability memory --duration "$DURATION" --warmup "$WARMUP"
 run c --broker-cores 2 --producers 4 --partitions 4 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
 run d --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up
+run d-cold --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up --cold
 half=$(python3 -c "import json; print(int(json.load(open('$out/ringbus-a.json'))['produce_msgs_per_s'] / 2))")
 run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 500 --durability fsync --rate "$half" --duration "$DURATION" --warmup "$WARMUP"
 
@@ -173,7 +176,7 @@ python3 - "$out" "$disk_mb" "$loop_mb" "$fsync_p50" "$fsync_p99" "$floor_p50" "$
 import json, sys
 out, disk, loop, f50, f99, floor50, floor99, best = sys.argv[1], *map(float, sys.argv[2:9])
 redis = dict(zip("abcdf", (float(x) for x in sys.argv[9:14])))
-r = {s: json.load(open(f"{out}/ringbus-{s}.json")) for s in "abcdef"}
+r = {s: json.load(open(f"{out}/ringbus-{s}.json")) for s in [*"abcdef", "d-cold"]}
 # Redis figures in MB/s of message payload: XADDs per second x value size;
 # XRANGE calls per second x 1,000 entries x 1 KB.
 redis_mb = {"a": redis["a"] * 1024 / 1e6, "b": redis["b"] * 1024 / 1e6,
@@ -192,14 +195,15 @@ names = {
     "b": "b 1p/1part 1KB x1000 memory (produce)",
     "c": "c 4p/4part 2 shards fsync (produce)",
     "d": "d catch-up consumer (consume)",
+    "d-cold": "d-cold catch-up after a restart (from disk)",
     "e": "e fixed rate 50% of a, fsync (produce)",
     "f": "f 100 B x100 fsync (produce)",
 }
 rows = {}
-for s in "abcdef":
+for s in [*"abcd", "d-cold", *"ef"]:
     j = r[s]
-    mb = j["consume_mb_per_s"] if s == "d" else j["produce_mb_per_s"]
-    msgs = j["consume_msgs_per_s"] if s == "d" else j["produce_msgs_per_s"]
+    mb = j["consume_mb_per_s"] if s.startswith("d") else j["produce_mb_per_s"]
+    msgs = j["consume_msgs_per_s"] if s.startswith("d") else j["produce_msgs_per_s"]
     peer = redis_mb.get(s)
     rows[s] = mb
     print(f"{names[s]:<44} {mb:>7.0f} MB/s {msgs:>11.0f} {mb/disk:>7.2f}x {mb/loop:>7.2f}x "
@@ -232,6 +236,6 @@ for s in "abcdf":
 json.dump({"disk_mb_per_s": disk, "disk_best_mb_per_s": best, "loopback_mb_per_s": loop,
            "fdatasync_p50_us": f50, "fdatasync_p99_us": f99, "e_floor_p50_us": floor50,
            "e_floor_p99_us": floor99, "redis_mb_per_s": redis_mb,
-           "ringbus": {s: r[s] for s in "abcdef"}},
+           "ringbus": r},
           open(f"{out}/summary.json", "w"), indent=1)
 PY

@@ -103,6 +103,11 @@ struct Args {
     /// the start (a consumer catching up on a backlog).
     #[arg(long)]
     catch_up: bool,
+    /// With --catch-up and --embedded: restart the broker and drop the topic's
+    /// segment files from the page cache before the consumers start, so the backlog
+    /// is read from the disk (a consumer catching up after a restart).
+    #[arg(long, requires = "catch_up", requires = "embedded")]
+    cold: bool,
     /// max_bytes of each fetch.
     #[arg(long, default_value_t = 8 << 20)]
     fetch_bytes: u32,
@@ -131,7 +136,8 @@ fn sleep_until_ns(t: u64) {
 /// What the threads share. Counters are atomics; the rest is written rarely.
 struct Run {
     args: Args,
-    addr: String,
+    /// The broker's address (it changes when --cold restarts the embedded broker).
+    addr: Mutex<String>,
     topic: String,
     warmup_end_ns: u64,
     produce_end_ns: Option<u64>,
@@ -186,6 +192,31 @@ fn main() {
     }
 }
 
+/// Starts the in-process broker on `dir` and waits until its tail cache's memory is
+/// reserved, so that runs measure the broker and not its start-up (it touches that
+/// memory in the background).
+fn start_embedded(args: &Args, dir: &std::path::Path) -> anyhow::Result<Broker> {
+    let b = Broker::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        data_dir: dir.to_path_buf(),
+        cores: args.broker_cores,
+        tail_cache_bytes: args.broker_tail_cache_bytes,
+        ..ServerConfig::default()
+    })
+    .context("start the embedded broker")?;
+    let waited = Instant::now();
+    while !b.cache_is_warm() && waited.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !args.quiet {
+        eprintln!(
+            "embedded broker ready after {:.1} s (tail cache memory reserved)",
+            waited.elapsed().as_secs_f64()
+        );
+    }
+    Ok(b)
+}
+
 fn run(args: Args) -> anyhow::Result<bool> {
     if args.message_size < message::HEADER_BYTES {
         bail!(
@@ -201,6 +232,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let mut temp = None;
     let mut broker = None;
+    let mut data_dir = None;
     let addr = match &args.addr {
         Some(a) => a.clone(),
         None => {
@@ -215,32 +247,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     p
                 }
             };
-            let b = Broker::start(ServerConfig {
-                listen: "127.0.0.1:0".parse().expect("address"),
-                data_dir: dir,
-                cores: args.broker_cores,
-                tail_cache_bytes: args.broker_tail_cache_bytes,
-                ..ServerConfig::default()
-            })
-            .context("start the embedded broker")?;
-            // Measure the broker, not its start-up: wait until the tail cache's
-            // memory is reserved (the broker touches it in the background).
-            let waited = Instant::now();
-            while !b.cache_is_warm() && waited.elapsed() < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !args.quiet {
-                eprintln!(
-                    "embedded broker ready after {:.1} s (tail cache memory reserved)",
-                    waited.elapsed().as_secs_f64()
-                );
-            }
+            let b = start_embedded(&args, &dir)?;
+            data_dir = Some(dir);
             let a = b.addr().to_string();
             broker = Some(b);
             a
         }
     };
-    let admin = Connection::connect(addr.as_str())?;
+    let mut admin = Connection::connect(addr.as_str())?;
     let (topic, created) = open_topic(&admin, &args)?;
     let mut starts = Vec::new();
     for p in 0..args.partitions {
@@ -256,7 +270,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     };
     let run = Arc::new(Run {
         args: args.clone(),
-        addr: addr.clone(),
+        addr: Mutex::new(addr.clone()),
         topic: topic.clone(),
         warmup_end_ns,
         produce_end_ns,
@@ -294,6 +308,29 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let ack_hist = join_all(&run, producers, "producer");
     run.producers_done.store(true, Ordering::SeqCst);
+    if args.cold && !run.failed() {
+        // Restart on the same data with nothing cached: the backlog is on disk only.
+        let dir = data_dir.as_ref().expect("--cold requires --embedded");
+        drop(admin);
+        if let Some(b) = broker.take() {
+            b.shutdown().context("stop the embedded broker")?;
+        }
+        let topic_dir = dir.join("topics").join(&topic);
+        for part in std::fs::read_dir(&topic_dir)? {
+            for f in std::fs::read_dir(part?.path())? {
+                let f = f?.path();
+                if f.extension().is_some_and(|e| e == "log") {
+                    ringbus::storage::io::drop_cached_pages(&std::fs::File::open(&f)?)
+                        .with_context(|| format!("drop {} from the page cache", f.display()))?;
+                }
+            }
+        }
+        let b = start_embedded(&args, dir)?;
+        let a = b.addr().to_string();
+        admin = Connection::connect(a.as_str())?;
+        *run.addr.lock().expect("lock") = a;
+        broker = Some(b);
+    }
     if args.catch_up && !run.failed() {
         run.consume_start_ns.store(now_ns(), Ordering::SeqCst);
         consumers = spawn_consumers(&run, &starts)?;
@@ -416,7 +453,8 @@ fn produce(
     quota: Option<u64>,
 ) -> Result<Histogram<u64>, String> {
     let args = &run.args;
-    let conn = Connection::connect(run.addr.as_str()).map_err(|e| e.to_string())?;
+    let addr = run.addr.lock().expect("lock").clone();
+    let conn = Connection::connect(addr.as_str()).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::sync_channel::<InFlight>(args.in_flight - 1);
     let r = run.clone();
     let collector = thread::Builder::new()
@@ -635,7 +673,8 @@ fn spawn_consumers(run: &Arc<Run>, starts: &[u64]) -> anyhow::Result<Vec<Worker>
 /// every record, until each reaches the offset the producers ended at.
 fn consume(run: &Run, parts: &[u32], starts: &[u64]) -> Result<Histogram<u64>, String> {
     let args = &run.args;
-    let conn = Connection::connect(run.addr.as_str()).map_err(|e| e.to_string())?;
+    let addr = run.addr.lock().expect("lock").clone();
+    let conn = Connection::connect(addr.as_str()).map_err(|e| e.to_string())?;
     let mut hist = report::histogram();
     let mut verifiers: Vec<message::Verifier> = parts
         .iter()
@@ -777,6 +816,7 @@ fn summarize(run: &Run, ack: &Histogram<u64>, e2e: &Histogram<u64>) -> serde_jso
             "durability": format!("{:?}", a.durability).to_lowercase(),
             "rate_msgs_per_s": a.rate,
             "catch_up": a.catch_up,
+            "cold": a.cold,
             "warmup_s": a.warmup.as_secs_f64(),
             "embedded": a.addr.is_none(),
         },
