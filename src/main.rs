@@ -120,7 +120,7 @@ struct ServeArgs {
     /// Group commit: flush once this many bytes are pending ...
     #[arg(long)]
     flush_bytes: Option<u64>,
-    /// ... or after this many microseconds (not while a producer waits for fsync).
+    /// ... or after this many microseconds (small data a producer waits to fsync goes at once).
     #[arg(long)]
     flush_delay_us: Option<u64>,
     /// Memory for the tail cache, all shards together (default: an eighth of RAM).

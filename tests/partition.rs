@@ -784,7 +784,20 @@ fn fsync_waiters_skip_the_flush_delay() {
         FlushDue::Now,
         "an fsync waiter is written at once"
     );
-    drop(fsync);
+    // A large partial chunk waits for the delay even then: the next batch of a
+    // streaming producer is likely to fill it.
+    let big = append(&mut p, &batch("b", 300, 1_000, 1_000)).last_offset;
+    assert!(p.pending_bytes() >= p.config().flush_bytes / 4);
+    assert!(p.pending_bytes() < p.config().flush_bytes);
+    let mut fsync_big = Box::pin(p.wait_for(big, Durability::Fsync));
+    assert!(
+        futures_lite::future::block_on(futures_lite::future::poll_once(&mut fsync_big)).is_none()
+    );
+    assert!(
+        matches!(p.flush_due(now), FlushDue::At(_)),
+        "a large partial chunk waits"
+    );
+    drop((fsync, fsync_big));
     assert!(matches!(p.flush_due(now), FlushDue::At(_)));
     p.flush_blocking().unwrap();
     assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut memory)).is_some());
