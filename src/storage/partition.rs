@@ -1055,11 +1055,7 @@ impl<B: LogIo> Partition<B> {
         let mut chunks = Vec::new();
         let mut cur = from;
         let mut budget = max_bytes;
-        let first = self
-            .segments
-            .partition_point(|s| s.base <= from)
-            .saturating_sub(1);
-        for seg in self.segments.iter().skip(first) {
+        for seg in self.segments.iter().skip(self.segment_holding(from)) {
             if cur >= hw {
                 break;
             }
@@ -1084,6 +1080,14 @@ impl<B: LogIo> Partition<B> {
         })
     }
 
+    /// The position in `segments` of the segment whose range holds `from` (the first
+    /// one when `from` precedes them all).
+    fn segment_holding(&self, from: Offset) -> usize {
+        self.segments
+            .partition_point(|s| s.base <= from)
+            .saturating_sub(1)
+    }
+
     /// The map bytes that [`Partition::read`] from `from` would have to fault in from
     /// the disk (at most `COLD_WARM_BYTES_MAX`), with the span after them to read
     /// ahead (see [`warm_for_read`]); `None` when both are in memory already (the
@@ -1093,14 +1097,10 @@ impl<B: LogIo> Partition<B> {
         if from < self.log_start() || from >= self.written_offset() {
             return None;
         }
-        let first = self
-            .segments
-            .partition_point(|s| s.base <= from)
-            .saturating_sub(1);
         let seg = self
             .segments
             .iter()
-            .skip(first)
+            .skip(self.segment_holding(from))
             .find(|s| from.max(s.base) < s.written_next)?;
         let (span, ahead) = seg.cold_span(from.max(seg.base), max_bytes)?;
         // The read-ahead span counts too: were only this fetch's span checked, every

@@ -41,6 +41,15 @@ pub fn time_index_path(dir: &Path, base: Offset) -> PathBuf {
     dir.join(format!("{:020}.timeindex", base.0))
 }
 
+/// `[log, index, time index]` of the segment at `base`.
+fn segment_paths(dir: &Path, base: Offset) -> [PathBuf; 3] {
+    [
+        log_path(dir, base),
+        index_path(dir, base),
+        time_index_path(dir, base),
+    ]
+}
+
 /// The files of a spare segment (see [`SpareSegment`]): `spare.log`,
 /// `spare.index`, `spare.timeindex`.
 fn spare_paths(dir: &Path) -> [PathBuf; 3] {
@@ -186,11 +195,7 @@ pub fn scan(
 
 /// Removes a segment's `.log`, `.index` and `.timeindex`; returns the paths removed.
 pub(crate) fn remove_files(dir: &Path, base: Offset) -> Result<Vec<PathBuf>, StorageError> {
-    remove_existing([
-        log_path(dir, base),
-        index_path(dir, base),
-        time_index_path(dir, base),
-    ])
+    remove_existing(segment_paths(dir, base))
 }
 
 /// Removes those of `paths` that exist; returns them.
@@ -502,11 +507,7 @@ impl<B: LogIo> Segment<B> {
         pool: BufPool<B>,
         now: TimestampMs,
     ) -> Result<Self, StorageError> {
-        let paths = [
-            log_path(dir, base),
-            index_path(dir, base),
-            time_index_path(dir, base),
-        ];
+        let paths = segment_paths(dir, base);
         let f = SegmentFiles::create(dir, &paths, capacity)?;
         let [path, _, _] = paths;
         Ok(Self::assemble(dir, base, path, f, capacity, pool, now))
@@ -1171,6 +1172,13 @@ impl<B: LogIo> Segment<B> {
         })
     }
 
+    /// The last index entry at or before `offset` within the written bytes: where a
+    /// read of `offset` starts scanning (`None`: from the segment's start).
+    fn index_entry_for(&self, offset: Offset) -> Option<IndexEntry> {
+        let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
+        index::lookup(&self.index, rel, self.written_len)
+    }
+
     /// The map bytes that [`Segment::read`] from `offset` of about `max_bytes` would
     /// fault in (from the index entry before `offset`, so the header scan is
     /// covered; at most `COLD_WARM_BYTES_MAX`), and twice that span of the map to
@@ -1182,8 +1190,9 @@ impl<B: LogIo> Segment<B> {
             return None;
         }
         let limit = self.written_len;
-        let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
-        let pos = index::lookup(&self.index, rel, limit).map_or(0, |e| u64::from(e.position));
+        let pos = self
+            .index_entry_for(offset)
+            .map_or(0, |e| u64::from(e.position));
         let (region, from_map) = self.region(pos, limit);
         if !from_map {
             return None;
@@ -1213,8 +1222,7 @@ impl<B: LogIo> Segment<B> {
             return Ok(None);
         }
         let limit = self.written_len;
-        let rel = u32::try_from(offset.0.saturating_sub(self.base.0)).unwrap_or(u32::MAX);
-        let entry = index::lookup(&self.index, rel, limit);
+        let entry = self.index_entry_for(offset);
         let mut pos = entry.map_or(0, |e| u64::from(e.position));
         // The offset the batch at `pos` must start with: base offsets are not
         // covered by the CRC, so every header is checked against it.
