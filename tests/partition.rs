@@ -413,6 +413,10 @@ struct FaultyIo {
     dir_syncs: Rc<Cell<u32>>,
     /// `(file position, length)` of every write issued, in order.
     writes: Rc<std::cell::RefCell<Vec<(u64, usize)>>>,
+    /// `(file position, length)` of every durable write issued, in order.
+    durable_writes: Rc<std::cell::RefCell<Vec<(u64, usize)>>>,
+    /// Syncs issued.
+    syncs: Rc<Cell<u32>>,
 }
 
 impl FaultyIo {
@@ -423,6 +427,8 @@ impl FaultyIo {
             syncs_left: Rc::new(Cell::new(syncs)),
             dir_syncs: Rc::new(Cell::new(0)),
             writes: Rc::default(),
+            durable_writes: Rc::default(),
+            syncs: Rc::default(),
         }
     }
 }
@@ -434,6 +440,18 @@ impl FaultyIo {
         }
         c.set(c.get() - 1);
         Ok(())
+    }
+
+    /// `inner`, or the injected error once the operations counted by `left` ran out.
+    fn gated<T>(
+        left: &Cell<u32>,
+        inner: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> impl std::future::Future<Output = std::io::Result<T>> {
+        let r = Self::tick(left);
+        async move {
+            r?;
+            inner.await
+        }
     }
 }
 
@@ -456,24 +474,26 @@ impl LogIo for FaultyIo {
         len: usize,
         pos: u64,
     ) -> impl std::future::Future<Output = std::io::Result<Option<AlignedBuf>>> {
-        let r = Self::tick(&self.writes_left);
         self.writes.borrow_mut().push((pos, len));
-        let inner = self.inner.write_at(f, buf, len, pos);
-        async move {
-            r?;
-            inner.await
-        }
+        Self::gated(&self.writes_left, self.inner.write_at(f, buf, len, pos))
     }
     fn sync_data(
         &self,
         f: &std::fs::File,
     ) -> impl std::future::Future<Output = std::io::Result<()>> {
-        let r = Self::tick(&self.syncs_left);
-        let inner = self.inner.sync_data(f);
-        async move {
-            r?;
-            inner.await
-        }
+        self.syncs.set(self.syncs.get() + 1);
+        Self::gated(&self.syncs_left, self.inner.sync_data(f))
+    }
+    fn write_durable_at(
+        &self,
+        f: &std::fs::File,
+        buf: AlignedBuf,
+        len: usize,
+        pos: u64,
+    ) -> impl std::future::Future<Output = std::io::Result<Option<AlignedBuf>>> {
+        self.durable_writes.borrow_mut().push((pos, len));
+        let inner = self.inner.write_durable_at(f, buf, len, pos);
+        Self::gated(&self.writes_left, inner)
     }
     fn sync_dir(
         &self,
@@ -847,7 +867,173 @@ fn partial_chunks_wait_while_io_is_in_flight() {
     assert_eq!(p.durable_offset(), Offset(1500));
     assert_eq!(
         p.flush_stats(),
-        (2, 1),
-        "two jobs: the full chunk, then the partial one that carried its block"
+        ringbus::storage::FlushStats {
+            jobs: 2,
+            carries: 1,
+            durable: 1
+        },
+        "two jobs: the full chunk, then the partial one that carried its block, \
+         written durable for the fsync waiter"
     );
+}
+
+fn poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    futures_lite::future::block_on(futures_lite::future::poll_once(f))
+}
+
+/// A producer waiting for fsync, with everything before its data durable and no
+/// I/O in flight, gets one durable write (O_DSYNC on io_uring) that acknowledges
+/// it, and no fdatasync.
+#[test]
+fn fsync_waiters_get_a_durable_write_instead_of_a_sync() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let (syncs, durable_writes) = (io.syncs.clone(), io.durable_writes.clone());
+    let (mut p, _) =
+        Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    append(&mut p, &batch("d0", 3, 1_000, 1_000));
+    let mut waiter = Box::pin(p.wait_for(Offset(2), Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let mut job = p.begin_flush(FlushScope::Due).expect("pending bytes");
+    assert!(job.is_durable());
+    assert!(
+        p.begin_flush(FlushScope::All).is_none(),
+        "nothing starts while a durable job runs"
+    );
+    let r = futures_lite::future::block_on(job.write(&io));
+    p.complete_write(&job, r).unwrap();
+    assert_eq!(p.durable_offset(), Offset(3));
+    assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    assert!(p.begin_sync().is_none(), "nothing left to sync");
+    assert_eq!(syncs.get(), 0, "no fdatasync of the partition's own");
+    assert_eq!(durable_writes.borrow().len(), 1);
+    // The data is there after a reopen.
+    drop(p);
+    let (p, _) = open(dir.path(), small_config());
+    assert_eq!(read_all(&p, Offset(0)).len(), 3);
+}
+
+/// A durable write makes only its own blocks durable on a device with FUA, so it
+/// is never used while written bytes are not yet synced or other I/O is in flight.
+#[test]
+fn durable_writes_only_follow_durable_data() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let (mut p, _) =
+        Partition::open(dir.path(), big_segments(), io.clone(), TimestampMs(0)).unwrap();
+    // Written, not synced (a memory producer's data).
+    append(&mut p, &batch("m0", 3, 1_000, 1_000));
+    let mut job = p.begin_flush(FlushScope::All).unwrap();
+    assert!(!job.is_durable(), "nobody waits for durability");
+    let r = futures_lite::future::block_on(job.write(&io));
+    p.complete_write(&job, r).unwrap();
+    assert_eq!(
+        (p.written_offset(), p.durable_offset()),
+        (Offset(3), Offset(0))
+    );
+    append(&mut p, &batch("f0", 3, 1_000, 1_000));
+    let mut waiter = Box::pin(p.wait_for(Offset(5), Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let mut job = p.begin_flush(FlushScope::All).unwrap();
+    assert!(
+        !job.is_durable(),
+        "earlier written bytes are not durable yet"
+    );
+    let r = futures_lite::future::block_on(job.write(&io));
+    p.complete_write(&job, r).unwrap();
+    assert!(
+        poll(&mut waiter).is_none(),
+        "a write alone acknowledges no fsync"
+    );
+    let sync = p.begin_sync().unwrap();
+    let r = futures_lite::future::block_on(sync.run(&io));
+    p.complete_sync(&sync, r).unwrap();
+    assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    // Now durable up to the end: a new fsync producer gets a durable job, but not
+    // while a plain job is still in flight.
+    append(&mut p, &batch("f1", 1_200, 1_000, 1_000));
+    let plain = p.begin_flush(FlushScope::Due).unwrap();
+    assert!(!plain.is_durable(), "nobody waits yet");
+    let mut waiter = Box::pin(p.wait_for(Offset(p.next_offset().0 - 1), Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let next = p
+        .begin_flush(FlushScope::All)
+        .expect("a second job may stream");
+    assert!(!next.is_durable(), "another job is in flight");
+}
+
+/// A durable write that fails fences the partition and fails its waiters.
+#[test]
+fn failed_durable_write_fences_the_partition() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(0, u32::MAX);
+    let (mut p, _) =
+        Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    append(&mut p, &batch("d0", 3, 1_000, 1_000));
+    let mut waiter = Box::pin(p.wait_for(Offset(2), Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let mut job = p.begin_flush(FlushScope::Due).unwrap();
+    assert!(job.is_durable());
+    let r = futures_lite::future::block_on(job.write(&io));
+    assert!(r.is_err());
+    assert!(matches!(
+        p.complete_write(&job, r),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert!(matches!(poll(&mut waiter), Some(Err(_))));
+    assert_eq!(p.durable_offset(), Offset(0));
+}
+
+/// Back-to-back durable jobs write each carried block together with the new bytes
+/// after it: one write, so one device flush, per job.
+#[test]
+fn durable_jobs_write_their_carried_block_in_the_same_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let (writes, durable_writes) = (io.writes.clone(), io.durable_writes.clone());
+    let (p, _) = Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    let p = std::cell::RefCell::new(p);
+    for i in 0..10 {
+        let last = {
+            let mut p = p.borrow_mut();
+            append(&mut p, &batch(&format!("c{i}"), 3, 1_000, 1_000));
+            Offset(p.next_offset().0 - 1)
+        };
+        let mut waiter = Box::pin(p.borrow().wait_for(last, Durability::Fsync));
+        assert!(poll(&mut waiter).is_none());
+        let job = p
+            .borrow_mut()
+            .begin_flush(ringbus::storage::FlushScope::Due)
+            .unwrap();
+        assert!(job.is_durable());
+        futures_lite::future::block_on(ringbus::storage::partition::run_write_shared(&p, job))
+            .unwrap();
+        assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    }
+    let dw = durable_writes.borrow();
+    assert_eq!(dw.len(), 10, "one write per job: {dw:?}");
+    for pair in dw.windows(2) {
+        let (prev_end, (pos, _)) = (pair[0].0 + pair[0].1 as u64, pair[1]);
+        assert_eq!(
+            pos,
+            prev_end - 4096,
+            "each starts at the block the last one carried"
+        );
+    }
+    assert!(
+        writes.borrow().is_empty(),
+        "no plain writes: {:?}",
+        writes.borrow()
+    );
+    assert_eq!(p.borrow().flush_stats().durable, 10);
+}
+
+fn big_segments() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 16 << 20,
+        ..PartitionConfig::default()
+    }
 }

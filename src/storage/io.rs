@@ -57,6 +57,25 @@ pub trait LogIo: Clone + 'static {
     /// Makes every completed write to `file` durable (fdatasync).
     fn sync_data(&self, file: &Self::File) -> impl Future<Output = io::Result<()>>;
 
+    /// [`LogIo::write_at`], and the written range is durable (with the file's
+    /// metadata needed to read it back) when the future completes. Durable for this
+    /// range only: a device with FUA may make just these blocks durable, so callers
+    /// use it only when everything written before it is durable already.
+    /// The default writes, then syncs the whole file.
+    fn write_durable_at(
+        &self,
+        file: &Self::File,
+        buf: Self::Buf,
+        len: usize,
+        pos: u64,
+    ) -> impl Future<Output = io::Result<Option<Self::Buf>>> {
+        async move {
+            let buf = self.write_at(file, buf, len, pos).await?;
+            self.sync_data(file).await?;
+            Ok(buf)
+        }
+    }
+
     /// Makes the entries of directory `dir` durable (files created or renamed in it).
     fn sync_dir(&self, dir: &Path) -> impl Future<Output = io::Result<()>>;
 

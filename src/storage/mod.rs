@@ -24,8 +24,8 @@ pub mod watermark;
 
 pub use io::{DirectIo, LogIo, StdIo};
 pub use partition::{
-    Appended, Durability, Fetch, FlushDue, FlushJob, FlushScope, Partition, PartitionConfig,
-    RecoveryPolicy, RecoveryReport, RetentionReport, SyncJob,
+    Appended, Durability, Fetch, FlushDue, FlushJob, FlushScope, FlushStats, Partition,
+    PartitionConfig, RecoveryPolicy, RecoveryReport, RetentionReport, SyncJob,
 };
 pub use tail_cache::CacheBudget;
 

@@ -28,6 +28,7 @@ use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
+use futures_util::future::Either;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -183,11 +184,23 @@ pub struct RetentionReport {
     pub new_log_start: Offset,
 }
 
+/// Write jobs started since a partition was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushStats {
+    pub jobs: u64,
+    /// Jobs that wrote a partial last block, which the next job rewrites.
+    pub carries: u64,
+    /// Jobs written durable (their own sync: see [`Partition::begin_flush`]).
+    pub durable: u64,
+}
+
 /// The chunks one flush writes, and the watermark it moves.
 pub struct FlushJob<B: LogIo> {
     id: u64,
     segments: Vec<SegmentFlush<B>>,
     bytes: u64,
+    /// Written with [`LogIo::write_durable_at`]: the job is its own sync.
+    durable: bool,
     /// Buffers the backend handed back, for the partition's pool.
     returned: RefCell<Vec<B::Buf>>,
 }
@@ -198,6 +211,7 @@ impl<B: LogIo> std::fmt::Debug for FlushJob<B> {
             .field("id", &self.id)
             .field("segments", &self.segments.len())
             .field("bytes", &self.bytes)
+            .field("durable", &self.durable)
             .finish()
     }
 }
@@ -205,6 +219,11 @@ impl<B: LogIo> std::fmt::Debug for FlushJob<B> {
 impl<B: LogIo> FlushJob<B> {
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Whether the job is written durable, as its own sync.
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// Writes every chunk, up to `FLUSH_WRITES_IN_FLIGHT_MAX` at once. Writes may
@@ -216,9 +235,15 @@ impl<B: LogIo> FlushJob<B> {
             let file = seg.writer.file(io).await?;
             let chunks = std::mem::take(&mut seg.chunks);
             let file = &file;
+            let durable = self.durable;
             stream::iter(chunks.into_iter().map(|mut c| {
                 let len = c.seal_for_write();
-                io.write_at(file, c.buf, len, c.pos)
+                // Two futures of different types; `Either` keeps the stream's item one.
+                if durable {
+                    Either::Left(io.write_durable_at(file, c.buf, len, c.pos))
+                } else {
+                    Either::Right(io.write_at(file, c.buf, len, c.pos))
+                }
             }))
             .buffer_unordered(limits::FLUSH_WRITES_IN_FLIGHT_MAX)
             .try_for_each(|buf| {
@@ -310,6 +335,11 @@ pub struct Partition<B: LogIo> {
     /// The in-flight job that writes a partial block the next job would rewrite;
     /// no job starts until it completes.
     carry_job: Option<u64>,
+    /// The in-flight job written durable (its own sync); no job starts until it
+    /// completes, so it acknowledges exactly what it wrote.
+    durable_job: Option<u64>,
+    /// Durable write jobs started since open.
+    durable_jobs: u64,
     sync_in_flight: bool,
     fenced: Option<(&'static str, String)>,
     appended: Watermark,
@@ -483,6 +513,8 @@ impl<B: LogIo> Partition<B> {
             next_job_id: 0,
             carry_jobs: 0,
             carry_job: None,
+            durable_job: None,
+            durable_jobs: 0,
             sync_in_flight: false,
             fenced: None,
             appended: Watermark::new(next_offset.0),
@@ -706,9 +738,13 @@ impl<B: LogIo> Partition<B> {
         self.segments.iter().map(Segment::unflushed_bytes).sum()
     }
 
-    /// `(write jobs started, of which carried a partial block)` since open.
-    pub fn flush_stats(&self) -> (u64, u64) {
-        (self.next_job_id, self.carry_jobs)
+    /// Counts of write jobs since open.
+    pub fn flush_stats(&self) -> FlushStats {
+        FlushStats {
+            jobs: self.next_job_id,
+            carries: self.carry_jobs,
+            durable: self.durable_jobs,
+        }
     }
 
     /// Write jobs in flight.
@@ -775,14 +811,35 @@ impl<B: LogIo> Partition<B> {
     /// stream at once); otherwise the partial last chunk goes too, and its job
     /// must finish before the next starts, because the next rewrites that block.
     /// Returns `None` when nothing is pending, `FLUSH_JOBS_IN_FLIGHT_MAX` jobs are
-    /// running, a carry job is running, or the partition is fenced.
+    /// running, a carry or durable job is running, or the partition is fenced.
+    ///
+    /// A job is written durable ([`LogIo::write_durable_at`], O_DSYNC) when a
+    /// producer waits for fsync, everything written before is durable, no other I/O
+    /// is in flight, and the job takes all that is pending from the active segment.
+    /// Its completion then acknowledges the fsync producers: one round trip through
+    /// the ring, where a write and then an fdatasync take two (each one waiting for
+    /// the reactor to submit and to reap it). Scenario e at 400k msgs/s: group-commit
+    /// cycle p50 590-610 us against 870-1,010 with fdatasync, ack p50 1.50-1.61 ms
+    /// against 1.73-1.82. Because nothing before it is undurable, the job is correct
+    /// whether the kernel flushes the device after it or writes it with FUA. No job
+    /// starts while it runs, so it acknowledges exactly what it wrote. The cost:
+    /// consumers see these bytes only once durable (e2e p50 +0.25 ms in e).
     pub fn begin_flush(&mut self, scope: FlushScope) -> Option<FlushJob<B>> {
         if self.fenced.is_some()
             || self.carry_job.is_some()
+            || self.durable_job.is_some()
             || self.jobs.len() >= limits::FLUSH_JOBS_IN_FLIGHT_MAX
         {
             return None;
         }
+        // Before taking: whether everything written so far is durable and a
+        // producer waits for durability, with no I/O in flight (see above).
+        let durable_candidate = self.durable.waiter_count() > 0
+            && self.jobs.is_empty()
+            && !self.sync_in_flight
+            && !self.dir_unsynced
+            && self.written.get() == self.durable.get()
+            && self.unsynced_bytes() == 0;
         let include_partial =
             scope == FlushScope::All || self.pending_bytes() < self.config.flush_bytes;
         let io = &self.io;
@@ -796,7 +853,9 @@ impl<B: LogIo> Partition<B> {
             if budget == 0 {
                 break;
             }
-            if let Some((sf, c)) = seg.take_unflushed(io, include_partial, budget) {
+            if let Some((sf, c)) =
+                seg.take_unflushed(io, include_partial, budget, durable_candidate)
+            {
                 budget = budget.saturating_sub(sf.chunks.len());
                 carries |= c;
                 segments.push(sf);
@@ -807,6 +866,20 @@ impl<B: LogIo> Partition<B> {
         }
         let id = self.next_job_id;
         self.next_job_id += 1;
+        // A job that takes all that is pending, from the active segment, is written
+        // durable: its own completion acknowledges the fsync producers, one round
+        // trip through the ring where a write and then an fdatasync take two.
+        let durable = durable_candidate
+            && segments.len() == 1
+            && self.pending_bytes() == 0
+            && self
+                .segments
+                .back()
+                .is_some_and(|s| s.base == segments[0].base && s.is_active());
+        if durable {
+            self.durable_job = Some(id);
+            self.durable_jobs += 1;
+        }
         let bytes = segments
             .iter()
             .flat_map(|s| s.chunks.iter())
@@ -828,6 +901,7 @@ impl<B: LogIo> Partition<B> {
             id,
             segments,
             bytes,
+            durable,
             returned: RefCell::new(Vec::new()),
         })
     }
@@ -854,6 +928,9 @@ impl<B: LogIo> Partition<B> {
         if self.carry_job == Some(job.id) {
             self.carry_job = None;
         }
+        if self.durable_job == Some(job.id) {
+            self.durable_job = None;
+        }
         if let Err(e) = result {
             return Err(self.fence("write", &job.first_path(), e));
         }
@@ -879,6 +956,19 @@ impl<B: LogIo> Partition<B> {
             .find(|s| s.written_len < s.len)
             .map_or(self.next_offset, |s| s.written_next);
         self.written.advance(written.0);
+        if job.durable {
+            // It was the only job, started with everything before it durable: the
+            // log is durable up to its end, which `written` now is.
+            let seg = job.segments.first().expect("a job writes a segment");
+            let synced = self
+                .segments
+                .iter()
+                .find(|s| s.base == seg.base)
+                .map(|s| (s.base, s.written_len, s.written_next))
+                .expect("a segment being flushed is never deleted");
+            assert_eq!(synced.1, seg.upto_len, "durable job not the last written");
+            return self.publish_durable(&[synced], written);
+        }
         if self.pending_bytes() >= self.config.flush_bytes {
             self.kicks.advance(self.kicks.get() + 1);
         }
@@ -927,7 +1017,24 @@ impl<B: LogIo> Partition<B> {
             return Err(self.fence("fdatasync", &job.first_path(), e));
         }
         assert!(job.upto.0 <= self.written.get(), "sync ahead of write");
-        for (base, _, len, next) in &job.segments {
+        let synced: Vec<_> = job
+            .segments
+            .iter()
+            .map(|(base, _, len, next)| (*base, *len, *next))
+            .collect();
+        self.publish_durable(&synced, job.upto)
+    }
+
+    /// Records that `synced` segments (`(base, length, next offset)`) are durable up
+    /// to their lengths and the log up to `upto`: persists their index entries,
+    /// advances the durable watermark (acknowledging `Fsync` producers) and marks
+    /// sealed segments that are done as trimmed.
+    fn publish_durable(
+        &mut self,
+        synced: &[(Offset, u64, Offset)],
+        upto: Offset,
+    ) -> Result<(), StorageError> {
+        for (base, len, next) in synced {
             let Some(seg) = self.segments.iter_mut().find(|s| s.base == *base) else {
                 continue;
             };
@@ -939,7 +1046,7 @@ impl<B: LogIo> Partition<B> {
                 return Err(self.fence_with("index write", reason));
             }
         }
-        self.durable.advance(job.upto.0);
+        self.durable.advance(upto.0);
         // The writer may be holding a partial chunk back for this sync.
         if self.pending_bytes() > 0 {
             self.kicks.advance(self.kicks.get() + 1);
