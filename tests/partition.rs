@@ -890,28 +890,44 @@ fn fsync_waiters_get_a_durable_write_instead_of_a_sync() {
     let dir = tempfile::tempdir().unwrap();
     let io = FaultyIo::new(u32::MAX, u32::MAX);
     let (syncs, durable_writes) = (io.syncs.clone(), io.durable_writes.clone());
+    let writes = io.writes.clone();
     let (mut p, _) =
         Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
-    append(&mut p, &batch("d0", 3, 1_000, 1_000));
+    // The first fsync after open is a real sync: recovered bytes may be in the
+    // device's cache, which a FUA write would not flush.
+    append(&mut p, &batch("r0", 3, 1_000, 1_000));
     let mut waiter = Box::pin(p.wait_for(Offset(2), Durability::Fsync));
     assert!(poll(&mut waiter).is_none());
     let mut job = p.begin_flush(FlushScope::Due).expect("pending bytes");
+    assert!(!job.is_durable(), "no sync since open");
+    let r = futures_lite::future::block_on(job.write(&io));
+    p.complete_write(&job, r).unwrap();
+    p.flush_blocking().unwrap();
+    assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    assert_eq!(syncs.get(), 1);
+    append(&mut p, &batch("d0", 3, 1_000, 1_000));
+    let mut waiter = Box::pin(p.wait_for(Offset(5), Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let mut job = p.begin_flush(FlushScope::Due).expect("pending bytes");
     assert!(job.is_durable());
+    let plain_writes = writes.borrow().len();
     assert!(
         p.begin_flush(FlushScope::All).is_none(),
         "nothing starts while a durable job runs"
     );
     let r = futures_lite::future::block_on(job.write(&io));
     p.complete_write(&job, r).unwrap();
-    assert_eq!(p.durable_offset(), Offset(3));
+    assert_eq!(p.durable_offset(), Offset(6));
     assert!(matches!(poll(&mut waiter), Some(Ok(_))));
     assert!(p.begin_sync().is_none(), "nothing left to sync");
-    assert_eq!(syncs.get(), 0, "no fdatasync of the partition's own");
-    assert_eq!(durable_writes.borrow().len(), 1);
+    assert_eq!(syncs.get(), 1, "no fdatasync for the durable job");
+    // Two: the block the plain job carried has a chunk of its own.
+    assert_eq!(durable_writes.borrow().len(), 2);
+    assert_eq!(writes.borrow().len(), plain_writes, "no plain write");
     // The data is there after a reopen.
     drop(p);
     let (p, _) = open(dir.path(), small_config());
-    assert_eq!(read_all(&p, Offset(0)).len(), 3);
+    assert_eq!(read_all(&p, Offset(0)).len(), 6);
 }
 
 /// A durable write makes only its own blocks durable on a device with FUA, so it
@@ -969,11 +985,13 @@ fn durable_writes_only_follow_durable_data() {
 fn failed_durable_write_fences_the_partition() {
     use ringbus::storage::FlushScope;
     let dir = tempfile::tempdir().unwrap();
-    let io = FaultyIo::new(0, u32::MAX);
+    let io = FaultyIo::new(1, u32::MAX);
     let (mut p, _) =
         Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    append(&mut p, &batch("s0", 3, 1_000, 1_000));
+    p.flush_blocking().unwrap();
     append(&mut p, &batch("d0", 3, 1_000, 1_000));
-    let mut waiter = Box::pin(p.wait_for(Offset(2), Durability::Fsync));
+    let mut waiter = Box::pin(p.wait_for(Offset(5), Durability::Fsync));
     assert!(poll(&mut waiter).is_none());
     let mut job = p.begin_flush(FlushScope::Due).unwrap();
     assert!(job.is_durable());
@@ -984,7 +1002,7 @@ fn failed_durable_write_fences_the_partition() {
         Err(StorageError::Fenced { .. })
     ));
     assert!(matches!(poll(&mut waiter), Some(Err(_))));
-    assert_eq!(p.durable_offset(), Offset(0));
+    assert_eq!(p.durable_offset(), Offset(3));
 }
 
 /// Back-to-back durable jobs write each carried block together with the new bytes
@@ -994,7 +1012,12 @@ fn durable_jobs_write_their_carried_block_in_the_same_write() {
     let dir = tempfile::tempdir().unwrap();
     let io = FaultyIo::new(u32::MAX, u32::MAX);
     let (writes, durable_writes) = (io.writes.clone(), io.durable_writes.clone());
-    let (p, _) = Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    let (mut p, _) =
+        Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    // The first sync since open, which durable jobs need.
+    append(&mut p, &batch("s0", 1, 100, 1_000));
+    p.flush_blocking().unwrap();
+    writes.borrow_mut().clear();
     let p = std::cell::RefCell::new(p);
     for i in 0..10 {
         let last = {
@@ -1036,4 +1059,74 @@ fn big_segments() -> PartitionConfig {
         segment_bytes: 16 << 20,
         ..PartitionConfig::default()
     }
+}
+
+/// A write that fails while earlier written bytes are not yet synced fences the
+/// partition, and group commit then ends with the fence instead of retrying a sync
+/// that can never start (it used to spin on the shard's thread for good).
+#[test]
+fn group_commit_ends_on_a_fence_with_unsynced_bytes() {
+    use ringbus::storage::uring::group_commit;
+    use ringbus::storage::watermark::Watermark;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .unwrap();
+        ex.run(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = PartitionConfig {
+                flush_delay_us: 0,
+                ..small_config()
+            };
+            let (p, _) =
+                Partition::open(dir.path(), cfg, FaultyIo::new(1, u32::MAX), TimestampMs(0))
+                    .unwrap();
+            let p = Rc::new(std::cell::RefCell::new(p));
+            let driver = glommio::spawn_local(group_commit(p.clone(), Watermark::new(0)));
+            let first = append(&mut p.borrow_mut(), &batch("w0", 3, 1_000, 1_000));
+            let written = p.borrow().wait_for(first.last_offset, Durability::Memory);
+            written.await.unwrap();
+            assert_eq!(p.borrow().durable_offset(), Offset(0), "not synced yet");
+            let second = append(&mut p.borrow_mut(), &batch("w1", 3, 1_000, 1_000));
+            let failed = p.borrow().wait_for(second.last_offset, Durability::Memory);
+            assert!(failed.await.is_err(), "the second write fails");
+            let ended = driver.await;
+            done_tx.send(format!("{ended:?}")).unwrap();
+        });
+    });
+    let ended = done_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("group commit did not end after the fence");
+    assert!(ended.contains("Fenced"), "{ended}");
+}
+
+/// A durable job is a sync: a segment sealed while it ran is cut to length when it
+/// completes, as after a sync job, not left at its preallocated size.
+#[test]
+fn a_durable_job_trims_the_segment_sealed_while_it_ran() {
+    use ringbus::storage::partition::run_write_shared;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let (mut p, _) =
+        Partition::open(dir.path(), small_config(), io.clone(), TimestampMs(0)).unwrap();
+    append(&mut p, &batch("s0", 1, 100, 1_000));
+    p.flush_blocking().unwrap();
+    let last = append(&mut p, &batch("d0", 3, 1_000, 1_000)).last_offset;
+    let mut waiter = Box::pin(p.wait_for(last, Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let job = p.begin_flush(ringbus::storage::FlushScope::Due).unwrap();
+    assert!(job.is_durable());
+    p.roll(TimestampMs(0)).unwrap();
+    let log = dir.path().join(format!("{:020}.log", 0));
+    let preallocated = std::fs::metadata(&log).unwrap().len();
+    assert_eq!(preallocated, small_config().segment_bytes);
+    let p = std::cell::RefCell::new(p);
+    futures_lite::future::block_on(run_write_shared(&p, job)).unwrap();
+    assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    let len = std::fs::metadata(&log).unwrap().len();
+    assert!(len < preallocated, "sealed segment still {len} bytes");
+    drop(p);
+    let (p, _) = open(dir.path(), small_config());
+    assert_eq!(read_all(&p, Offset(0)).len(), 4);
 }

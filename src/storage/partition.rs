@@ -340,6 +340,9 @@ pub struct Partition<B: LogIo> {
     durable_job: Option<u64>,
     /// Durable write jobs started since open.
     durable_jobs: u64,
+    /// A sync job completed since open: only then is everything written known to
+    /// be durable (see `begin_flush`).
+    synced_since_open: bool,
     sync_in_flight: bool,
     fenced: Option<(&'static str, String)>,
     appended: Watermark,
@@ -515,6 +518,7 @@ impl<B: LogIo> Partition<B> {
             carry_job: None,
             durable_job: None,
             durable_jobs: 0,
+            synced_since_open: false,
             sync_in_flight: false,
             fenced: None,
             appended: Watermark::new(next_offset.0),
@@ -832,16 +836,31 @@ impl<B: LogIo> Partition<B> {
         {
             return None;
         }
-        // Before taking: whether everything written so far is durable and a
-        // producer waits for durability, with no I/O in flight (see above).
-        let durable_candidate = self.durable.waiter_count() > 0
+        let include_partial =
+            scope == FlushScope::All || self.pending_bytes() < self.config.flush_bytes;
+        // Before taking (see above): a producer waits for durability, everything
+        // written so far is durable, no I/O is in flight, and the job will take all
+        // that is pending from the active segment. Durable means synced by this
+        // process: recovered bytes may sit in the device's cache, which an O_DSYNC
+        // write with FUA would not flush, so the first sync after open is a real one.
+        let active_only =
+            self.segments
+                .iter()
+                .rev()
+                .skip(1)
+                .all(|s| s.unflushed_bytes() == 0)
+                && self.segments.back().is_some_and(|s| {
+                    s.is_active() && s.fits_one_flush(limits::FLUSH_JOB_CHUNKS_MAX)
+                });
+        let durable_ok = self.durable.waiter_count() > 0
+            && self.synced_since_open
             && self.jobs.is_empty()
             && !self.sync_in_flight
             && !self.dir_unsynced
             && self.written.get() == self.durable.get()
-            && self.unsynced_bytes() == 0;
-        let include_partial =
-            scope == FlushScope::All || self.pending_bytes() < self.config.flush_bytes;
+            && self.unsynced_bytes() == 0
+            && include_partial
+            && active_only;
         let io = &self.io;
         let mut carries = false;
         let mut segments = Vec::new();
@@ -853,9 +872,7 @@ impl<B: LogIo> Partition<B> {
             if budget == 0 {
                 break;
             }
-            if let Some((sf, c)) =
-                seg.take_unflushed(io, include_partial, budget, durable_candidate)
-            {
+            if let Some((sf, c)) = seg.take_unflushed(io, include_partial, budget, durable_ok) {
                 budget = budget.saturating_sub(sf.chunks.len());
                 carries |= c;
                 segments.push(sf);
@@ -866,10 +883,9 @@ impl<B: LogIo> Partition<B> {
         }
         let id = self.next_job_id;
         self.next_job_id += 1;
-        // A job that takes all that is pending, from the active segment, is written
-        // durable: its own completion acknowledges the fsync producers, one round
-        // trip through the ring where a write and then an fdatasync take two.
-        let durable = durable_candidate
+        // Its own completion acknowledges the fsync producers. Checked again after
+        // taking, so a mismatch can only cost a sync, never an early ack.
+        let durable = durable_ok
             && segments.len() == 1
             && self.pending_bytes() == 0
             && self
@@ -1017,6 +1033,7 @@ impl<B: LogIo> Partition<B> {
             return Err(self.fence("fdatasync", &job.first_path(), e));
         }
         assert!(job.upto.0 <= self.written.get(), "sync ahead of write");
+        self.synced_since_open = true;
         let synced: Vec<_> = job
             .segments
             .iter()
@@ -1287,7 +1304,9 @@ pub async fn run_write_shared<B: LogIo>(
 ) -> Result<(), StorageError> {
     let io = part.borrow().io.clone();
     let r = job.write(&io).await;
-    part.borrow_mut().complete_write(&job, r)
+    part.borrow_mut().complete_write(&job, r)?;
+    // A durable job is a sync, and may have sealed segments to cut too.
+    run_trims(part, &io).await
 }
 
 /// Faults in, on a helper thread, the map pages that a read from `from` would
@@ -1358,15 +1377,19 @@ pub async fn sync_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool,
     let io = part.borrow().io.clone();
     let r = job.run(&io).await;
     part.borrow_mut().complete_sync(&job, r)?;
-    // Cutting sealed segments to length blocks for 0.2-0.5 ms each: on the helper.
-    let trims = std::mem::take(&mut part.borrow_mut().trims);
-    if !trims.is_empty() {
-        let cut = io
-            .run_blocking(move || trims.iter().try_for_each(Trim::run))
-            .await;
-        if let Err(e) = cut {
-            return Err(part.borrow_mut().fence_with("truncate", e.to_string()));
-        }
-    }
+    run_trims(part, &io).await?;
     Ok(true)
+}
+
+/// Cuts the sealed segments that syncs marked trimmed to length, on a helper thread
+/// (0.2-0.5 ms each); a failure fences.
+async fn run_trims<B: LogIo>(part: &RefCell<Partition<B>>, io: &B) -> Result<(), StorageError> {
+    let trims = std::mem::take(&mut part.borrow_mut().trims);
+    if trims.is_empty() {
+        return Ok(());
+    }
+    let cut = io
+        .run_blocking(move || trims.iter().try_for_each(Trim::run))
+        .await;
+    cut.map_err(|e| part.borrow_mut().fence_with("truncate", e.to_string()))
 }

@@ -1068,6 +1068,12 @@ impl<B: LogIo> Segment<B> {
         ))
     }
 
+    /// Whether [`Segment::take_unflushed`] with `include_partial` and `max_chunks`
+    /// takes every unflushed byte.
+    pub(crate) fn fits_one_flush(&self, max_chunks: usize) -> bool {
+        self.ready.len() < max_chunks
+    }
+
     /// Bytes appended but not yet handed to a flush.
     pub(crate) fn unflushed_bytes(&self) -> u64 {
         self.len - self.flush_issued_len

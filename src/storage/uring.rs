@@ -377,8 +377,9 @@ async fn sync_loop<B: LogIo>(
     loop {
         let unsynced = durable.get() < written.get();
         let demand = durable.waiter_count() > 0 || writer_done.get() >= 1;
-        if unsynced && demand {
-            sync_shared(part).await?;
+        // No sync can start once the partition is fenced: look at that before
+        // trying again, or this loop would spin without yielding.
+        if unsynced && demand && sync_shared(part).await? {
             continue;
         }
         part.borrow().check_fenced()?;
