@@ -90,6 +90,12 @@ pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 /// it is used up. Must hold the largest frame.
 pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
+/// Buffers of large request frames kept per shard for the next frames once their
+/// requests are answered, in bytes (see `server::conn`): a fresh buffer is zeroed or
+/// faulted in before the socket fills it, a reused one is not. Beyond this, buffers
+/// are freed. Counted apart from `request_memory_bytes`, which bounds frames in use.
+pub const FRAME_POOL_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// A large frame (holding request memory) must arrive whole within this long of its
 /// memory being granted, or its connection is closed: neither a stalled client nor
 /// one trickling a byte at a time keeps the memory. 64 MiB in 30 s is 2.2 MB/s.
