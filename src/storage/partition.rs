@@ -822,9 +822,9 @@ impl<B: LogIo> Partition<B> {
     /// is in flight, and the job takes all that is pending from the active segment.
     /// Its completion then acknowledges the fsync producers: one round trip through
     /// the ring, where a write and then an fdatasync take two (each one waiting for
-    /// the reactor to submit and to reap it). Scenario e at 400k msgs/s: group-commit
-    /// cycle p50 590-610 us against 870-1,010 with fdatasync, ack p50 1.50-1.61 ms
-    /// against 1.73-1.82. Because nothing before it is undurable, the job is correct
+    /// the reactor to submit and to reap it). Scenario e at 550k msgs/s: group-commit
+    /// cycle p50 573-800 us against 922-1,027 with fdatasync, ack p50 1.70-2.01 ms
+    /// against 2.07-2.31. Because nothing before it is undurable, the job is correct
     /// whether the kernel flushes the device after it or writes it with FUA. No job
     /// starts while it runs, so it acknowledges exactly what it wrote. The cost:
     /// consumers see these bytes only once durable (e2e p50 +0.25 ms in e).
