@@ -93,7 +93,8 @@ pub const REQUEST_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 /// Buffers of large request frames kept per shard for the next frames once their
 /// requests are answered, in bytes (see `server::conn`): a fresh buffer is zeroed or
 /// faulted in before the socket fills it, a reused one is not. Beyond this, buffers
-/// are freed. Counted apart from `request_memory_bytes`, which bounds frames in use.
+/// are freed, oldest first. Counted apart from `request_memory_bytes`, which bounds
+/// frames in use (within an eighth: a reused buffer may be that much longer).
 pub const FRAME_POOL_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// A large frame (holding request memory) must arrive whole within this long of its
