@@ -200,10 +200,12 @@ impl Connection {
             .lock()
             .expect("lock")
             .insert(id, (req.api_key(), tx));
-        let mut frame = Vec::new();
-        protocol::encode_request(id, req, &mut frame);
+        // The batches of a produce go to the socket from the request itself, after
+        // the head: one copy less of every byte (the kernel's).
+        let mut head = Vec::new();
+        let tail = protocol::encode_request_head(id, req, &mut head);
         let mut w = self.writer.lock().expect("lock");
-        if let Err(e) = w.write_all(&frame) {
+        if let Err(e) = write_all_vectored(&mut *w, &head, tail) {
             drop(w);
             self.shared.fail_all(&e.to_string());
             return Err(ClientError::Disconnected(e.to_string()));
@@ -326,6 +328,21 @@ impl Drop for Connection {
             let _ = r.join();
         }
     }
+}
+
+/// Writes `head` then `tail` with as few system calls as the socket allows.
+fn write_all_vectored(w: &mut impl Write, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
+    let mut bufs = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
+    let mut bufs = &mut bufs[..];
+    while bufs.iter().any(|b| !b.is_empty()) {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn expect<T>(resp: Response, f: impl FnOnce(Response) -> Option<T>) -> Result<T, ClientError> {
@@ -837,5 +854,47 @@ fn finish_one(
     };
     for (i, r) in receipts.into_iter().enumerate() {
         let _ = r.send(result.clone().map(|(p, base)| (p, base.plus(i as u64))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most 3 bytes per call, and is interrupted once.
+    struct Trickle {
+        got: Vec<u8>,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls == 2 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(3);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn vectored_writes_survive_partial_writes() {
+        let mut w = Trickle {
+            got: Vec::new(),
+            calls: 0,
+        };
+        write_all_vectored(&mut w, b"head-", b"and the tail").unwrap();
+        assert_eq!(w.got, b"head-and the tail");
+        let mut w = Trickle {
+            got: Vec::new(),
+            calls: 0,
+        };
+        write_all_vectored(&mut w, b"only", b"").unwrap();
+        assert_eq!(w.got, b"only");
     }
 }

@@ -529,12 +529,29 @@ fn begin_frame(out: &mut Vec<u8>) -> usize {
 }
 
 fn end_frame(out: &mut [u8], at: usize) {
-    let len = u32::try_from(out.len() - at - LENGTH_PREFIX_LEN).expect("frame over 4 GiB");
+    end_frame_with_tail(out, at, 0);
+}
+
+/// Ends a frame whose last `tail` bytes follow `out` instead of being in it.
+fn end_frame_with_tail(out: &mut [u8], at: usize, tail: usize) {
+    let len = u32::try_from(out.len() - at - LENGTH_PREFIX_LEN + tail).expect("frame over 4 GiB");
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Appends a whole request frame (prefix included) to `out`.
 pub fn encode_request(correlation_id: u32, req: &Request, out: &mut Vec<u8>) {
+    let tail = encode_request_head(correlation_id, req, out);
+    out.extend_from_slice(tail);
+}
+
+/// Appends a request frame to `out` except its last field's bytes, which it returns
+/// (a produce's batches; empty for other requests): the frame is `out`'s new bytes
+/// followed by them, so a client writes both without copying the batches.
+pub fn encode_request_head<'a>(
+    correlation_id: u32,
+    req: &'a Request,
+    out: &mut Vec<u8>,
+) -> &'a [u8] {
     let at = begin_frame(out);
     put_u16(out, req.api_key() as u16);
     put_u16(out, 0);
@@ -570,7 +587,9 @@ pub fn encode_request(correlation_id: u32, req: &Request, out: &mut Vec<u8>) {
                 crate::storage::Durability::Fsync => 0,
                 crate::storage::Durability::Memory => 1,
             });
-            put_bytes32(out, batches);
+            put_u32(out, u32::try_from(batches.len()).expect("field over 4 GiB"));
+            end_frame_with_tail(out, at, batches.len());
+            return batches;
         }
         Request::Fetch {
             topic,
@@ -601,6 +620,7 @@ pub fn encode_request(correlation_id: u32, req: &Request, out: &mut Vec<u8>) {
         }
     }
     end_frame(out, at);
+    &[]
 }
 
 /// Appends an error response frame.
@@ -833,6 +853,11 @@ mod tests {
     fn round_trip(req: Request) {
         let mut out = Vec::new();
         encode_request(42, &req, &mut out);
+        // The head and the tail the client writes after it make the same frame.
+        let mut head = vec![9u8; 3];
+        let tail = encode_request_head(42, &req, &mut head);
+        assert_eq!(tail.is_empty(), !matches!(req, Request::Produce { .. }));
+        assert_eq!([&head[3..], tail].concat(), out);
         let len = frame_len(&out, usize::MAX).unwrap().unwrap();
         assert_eq!(len + LENGTH_PREFIX_LEN, out.len());
         let frame = Bytes::from(out).slice(LENGTH_PREFIX_LEN..);
