@@ -171,6 +171,17 @@ impl Drop for FrameBuf {
     }
 }
 
+/// A frame larger than a read chunk, being received into a buffer of its own.
+struct LargeFrame {
+    buf: FrameBuf,
+    /// The frame's length, prefix included.
+    total: usize,
+    /// The request memory it holds until its request is answered.
+    memory: StaticPermit,
+    /// When it must be complete, or its connection is closed.
+    deadline: Instant,
+}
+
 /// Bytes read from the socket at a time when no larger frame is pending.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -232,22 +243,18 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     // While a large frame is received, `filled` counts its bytes in `large` instead.
     let mut buf = BytesMut::new();
     let mut filled = 0;
-    let mut large: Option<(FrameBuf, usize)> = None;
-    // Request memory held for the large frame being received, and when that frame
-    // must be complete.
-    let mut held: Option<(StaticPermit, Instant)> = None;
+    let mut large: Option<LargeFrame> = None;
     'conn: loop {
         // Every whole frame in the buffer.
         loop {
-            if let Some((_, total)) = &large {
-                if filled < *total {
+            if let Some(l) = &large {
+                if filled < l.total {
                     break;
                 }
-                let (frame, total) = large.take().expect("checked");
+                let l = large.take().expect("checked");
                 filled = 0;
-                let memory = held.take().map(|(p, _)| p);
-                let frame = Bytes::from_owner(frame).slice(LENGTH_PREFIX_LEN..total);
-                if !dispatch(shard, &tx, &permits, frame, memory).await {
+                let frame = Bytes::from_owner(l.buf).slice(LENGTH_PREFIX_LEN..l.total);
+                if !dispatch(shard, &tx, &permits, frame, Some(l.memory)).await {
                     break 'conn;
                 }
                 continue;
@@ -276,13 +283,16 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                             None
                         })
                         .await;
-                    let Some(p) = granted else { break 'conn };
-                    let deadline = Instant::now() + Duration::from_millis(cfg.frame_timeout_ms);
-                    held = Some((p, deadline));
+                    let Some(memory) = granted else { break 'conn };
                     let mut frame = shard.request_memory.frames.take(total);
                     frame.as_mut_slice()[..filled].copy_from_slice(&buf[..filled]);
                     buf.clear();
-                    large = Some((frame, total));
+                    large = Some(LargeFrame {
+                        buf: frame,
+                        total,
+                        memory,
+                        deadline: Instant::now() + Duration::from_millis(cfg.frame_timeout_ms),
+                    });
                 }
                 break;
             }
@@ -292,9 +302,13 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 break 'conn;
             }
         }
+        // Holding request memory, the frame must be complete by its deadline.
+        let limit = large
+            .as_ref()
+            .map(|l| l.deadline.saturating_duration_since(Instant::now()));
         // Read more: into the rest of a large frame's buffer, or a chunk.
         let room = match &mut large {
-            Some((frame, total)) => &mut frame.as_mut_slice()[filled..*total],
+            Some(l) => &mut l.buf.as_mut_slice()[filled..l.total],
             None => {
                 if filled == buf.len() {
                     buf.resize(filled + READ_CHUNK_BYTES, 0);
@@ -302,10 +316,6 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 &mut buf[filled..]
             }
         };
-        // Holding request memory, the frame must be complete by its deadline.
-        let limit = held
-            .as_ref()
-            .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()));
         let gone = async {
             // Ends only when the writer has ended.
             while writer_gone.recv().await.is_some() {}
@@ -332,7 +342,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
     }
     // Nothing more is read: let go of the frame being received (and its memory)
     // before waiting for in-flight requests to answer, then close.
-    drop((held, large, buf));
+    drop((large, buf));
     let _ = permits
         .acquire(cfg.max_in_flight_per_connection as u64)
         .await;

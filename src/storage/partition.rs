@@ -885,13 +885,7 @@ impl<B: LogIo> Partition<B> {
         self.next_job_id += 1;
         // Its own completion acknowledges the fsync producers. Checked again after
         // taking, so a mismatch can only cost a sync, never an early ack.
-        let durable = durable_ok
-            && segments.len() == 1
-            && self.pending_bytes() == 0
-            && self
-                .segments
-                .back()
-                .is_some_and(|s| s.base == segments[0].base && s.is_active());
+        let durable = durable_ok && segments.len() == 1 && self.pending_bytes() == 0;
         if durable {
             self.durable_job = Some(id);
             self.durable_jobs += 1;

@@ -825,7 +825,8 @@ impl<B: LogIo> Segment<B> {
                     // Carry the partial last block so the next O_DIRECT write can
                     // rewrite it whole.
                     let pos = align_down(len);
-                    let chunk = seg.carry_chunk(io, pos, &seg.map[pos as usize..len as usize]);
+                    let chunk =
+                        seg.carry_chunk(io, pos, &seg.map[pos as usize..len as usize], false);
                     seg.staging = Some(chunk);
                 }
             }
@@ -920,16 +921,22 @@ impl<B: LogIo> Segment<B> {
     /// carry in the next staging chunk, 102-108 with a chunk of its own, 104-108
     /// with writes and fdatasyncs (group-commit cycle p50 360-380 us, 400-420 and
     /// 520-560).
-    fn carry_chunk(&self, io: &B, pos: u64, bytes: &[u8]) -> Chunk<B::Buf> {
-        assert_eq!(pos % IO_ALIGN_BYTES as u64, 0, "carry must start a block");
+    /// With `whole`, the chunk is a full staging chunk instead of one block.
+    fn carry_chunk(&self, io: &B, pos: u64, bytes: &[u8], whole: bool) -> Chunk<B::Buf> {
         assert!(bytes.len() < IO_ALIGN_BYTES, "carry is a partial block");
-        assert!(pos < self.capacity, "carry past segment capacity");
-        let mut chunk = Chunk {
-            buf: self.pool.take(io, IO_ALIGN_BYTES),
-            pos,
-            filled: bytes.len(),
+        let mut chunk = if whole {
+            self.new_chunk(io, pos)
+        } else {
+            assert_eq!(pos % IO_ALIGN_BYTES as u64, 0, "carry must start a block");
+            assert!(pos < self.capacity, "carry past segment capacity");
+            Chunk {
+                buf: self.pool.take(io, IO_ALIGN_BYTES),
+                pos,
+                filled: 0,
+            }
         };
         chunk.buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        chunk.filled = bytes.len();
         chunk
     }
 
@@ -1033,14 +1040,7 @@ impl<B: LogIo> Segment<B> {
                         let keep = st.filled / IO_ALIGN_BYTES * IO_ALIGN_BYTES;
                         let pos = st.pos + keep as u64;
                         let carried = &st.buf.as_slice()[keep..st.filled];
-                        let next = if carry_whole {
-                            let mut next = self.new_chunk(io, pos);
-                            next.buf.as_mut_slice()[..carried.len()].copy_from_slice(carried);
-                            next.filled = carried.len();
-                            next
-                        } else {
-                            self.carry_chunk(io, pos, carried)
-                        };
+                        let next = self.carry_chunk(io, pos, carried, carry_whole);
                         self.staging = Some(next);
                         carries = true;
                     }
