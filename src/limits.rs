@@ -60,6 +60,12 @@ pub const FLUSH_DELAY_US_DEFAULT: u64 = 200;
 /// order, so small jobs keep acknowledgements flowing while later jobs stream.
 pub const FLUSH_JOB_CHUNKS_MAX: usize = 2;
 
+/// Largest number of chunks in one durable (O_DSYNC) write job, all written at once.
+/// A backlog within it (producers got ahead during a slow write) goes out as one
+/// durable job instead of plain writes and an fdatasync, which take about twice as
+/// long and let the backlog grow again (see docs/ARCHITECTURE.md).
+pub const DURABLE_JOB_CHUNKS_MAX: usize = 4;
+
 /// Largest number of chunks written concurrently by one write job.
 pub const FLUSH_WRITES_IN_FLIGHT_MAX: usize = FLUSH_JOB_CHUNKS_MAX;
 

@@ -1056,6 +1056,60 @@ fn durable_jobs_write_their_carried_block_in_the_same_write() {
     assert_eq!(p.borrow().flush_stats().durable, 10);
 }
 
+/// A backlog of fsync data larger than `flush_bytes` (producers got ahead while a
+/// slow write ran) still goes out as one durable job when it fits
+/// `DURABLE_JOB_CHUNKS_MAX` chunks, all written at once; it used to fall back to
+/// plain writes and an fdatasync, which take twice as long and let the backlog
+/// grow again. A larger backlog streams through plain jobs as before.
+#[test]
+fn a_backlog_within_the_durable_job_limit_goes_out_durable() {
+    use ringbus::storage::FlushScope;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    let (syncs, durable_writes) = (io.syncs.clone(), io.durable_writes.clone());
+    let writes = io.writes.clone();
+    let (mut p, _) =
+        Partition::open(dir.path(), big_segments(), io.clone(), TimestampMs(0)).unwrap();
+    append(&mut p, &batch("s0", 1, 100, 1_000));
+    p.flush_blocking().unwrap();
+    let syncs_before = syncs.get();
+    writes.borrow_mut().clear();
+    // About 2.5 MiB: more than flush_bytes (1 MiB), within 4 staging chunks.
+    for i in 0..5 {
+        append(&mut p, &batch(&format!("b{i}"), 500, 1_000, 1_000));
+    }
+    assert!(p.pending_bytes() > PartitionConfig::default().flush_bytes);
+    let last = Offset(p.next_offset().0 - 1);
+    let mut waiter = Box::pin(p.wait_for(last, Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let mut job = p.begin_flush(FlushScope::Due).expect("pending bytes");
+    assert!(job.is_durable(), "the whole backlog is one durable job");
+    assert_eq!(p.pending_bytes(), 0, "it took everything");
+    let r = futures_lite::future::block_on(job.write(&io));
+    p.complete_write(&job, r).unwrap();
+    assert!(matches!(poll(&mut waiter), Some(Ok(_))));
+    assert_eq!(p.durable_offset(), p.next_offset());
+    assert_eq!(syncs.get(), syncs_before, "no fdatasync");
+    assert!(writes.borrow().is_empty(), "no plain write");
+    assert!(durable_writes.borrow().len() >= 3, "one write per chunk");
+    // Over the limit (about 5 MiB pending): plain jobs stream, a sync acknowledges.
+    for i in 0..10 {
+        append(&mut p, &batch(&format!("c{i}"), 500, 1_000, 1_000));
+    }
+    let last = Offset(p.next_offset().0 - 1);
+    let mut waiter = Box::pin(p.wait_for(last, Durability::Fsync));
+    assert!(poll(&mut waiter).is_none());
+    let job = p.begin_flush(FlushScope::Due).expect("pending bytes");
+    assert!(!job.is_durable(), "too large for one durable job");
+    drop(job);
+    drop(p);
+    let (p, _) = open(dir.path(), big_segments());
+    assert!(
+        read_all(&p, Offset(0)).len() >= 2_501,
+        "the durable backlog is there"
+    );
+}
+
 fn big_segments() -> PartitionConfig {
     PartitionConfig {
         segment_bytes: 16 << 20,

@@ -245,7 +245,11 @@ impl<B: LogIo> FlushJob<B> {
                     Either::Right(io.write_at(file, c.buf, len, c.pos))
                 }
             }))
-            .buffer_unordered(limits::FLUSH_WRITES_IN_FLIGHT_MAX)
+            .buffer_unordered(if durable {
+                limits::DURABLE_JOB_CHUNKS_MAX
+            } else {
+                limits::FLUSH_WRITES_IN_FLIGHT_MAX
+            })
             .try_for_each(|buf| {
                 self.returned.borrow_mut().extend(buf);
                 std::future::ready(Ok(()))
@@ -819,7 +823,8 @@ impl<B: LogIo> Partition<B> {
     ///
     /// A job is written durable ([`LogIo::write_durable_at`], O_DSYNC) when a
     /// producer waits for fsync, everything written before is durable, no other I/O
-    /// is in flight, and the job takes all that is pending from the active segment.
+    /// is in flight, and the job takes all that is pending from the active segment
+    /// (even past `flush_bytes`, up to `DURABLE_JOB_CHUNKS_MAX` chunks).
     /// Its completion then acknowledges the fsync producers: one round trip through
     /// the ring, where a write and then an fdatasync take two (each one waiting for
     /// the reactor to submit and to reap it). Scenario e at 550k msgs/s: group-commit
@@ -850,7 +855,7 @@ impl<B: LogIo> Partition<B> {
                 .skip(1)
                 .all(|s| s.unflushed_bytes() == 0)
                 && self.segments.back().is_some_and(|s| {
-                    s.is_active() && s.fits_one_flush(limits::FLUSH_JOB_CHUNKS_MAX)
+                    s.is_active() && s.fits_one_flush(limits::DURABLE_JOB_CHUNKS_MAX)
                 });
         let durable_ok = self.durable.waiter_count() > 0
             && self.synced_since_open
@@ -859,15 +864,19 @@ impl<B: LogIo> Partition<B> {
             && !self.dir_unsynced
             && self.written.get() == self.durable.get()
             && self.unsynced_bytes() == 0
-            && include_partial
             && active_only;
+        let include_partial = include_partial || durable_ok;
         let io = &self.io;
         let mut carries = false;
         let mut segments = Vec::new();
         // Small jobs (a few chunks) complete, and acknowledge, one after another
         // while the next ones stream: one big job would hold every ack until its
         // slowest write finished and leave the disk idle while producers refill.
-        let mut budget = limits::FLUSH_JOB_CHUNKS_MAX;
+        let mut budget = if durable_ok {
+            limits::DURABLE_JOB_CHUNKS_MAX
+        } else {
+            limits::FLUSH_JOB_CHUNKS_MAX
+        };
         for seg in self.segments.iter_mut() {
             if budget == 0 {
                 break;
