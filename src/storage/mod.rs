@@ -9,9 +9,11 @@
 //! - [`segment`]: one `.log` file: appends, reads, recovery scan.
 //! - [`partition`]: the ordered segments, offsets, flush, roll, retention.
 //! - [`tail_cache`]: in-memory copies of recently written batches for readers.
+//! - [`copy`]: the tail cache's streaming (non-temporal) copies.
 //! - [`watermark`]: runtime-free waiting on written and durable offsets.
 //! - [`dump`]: the operator's view of a segment (`ringbus segdump`).
 
+pub mod copy;
 pub mod dump;
 pub mod index;
 pub mod io;

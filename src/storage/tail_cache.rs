@@ -32,6 +32,7 @@
 //! of its frozen prefix.
 #![allow(unsafe_code)]
 
+use crate::storage::copy::copy_streaming;
 use bytes::Bytes;
 use memmap2::MmapMut;
 use std::cell::RefCell;
@@ -227,7 +228,8 @@ impl Block {
         // SAFETY: in bounds (checked above); the caller guarantees no reader sees
         // these bytes, and `src` cannot overlap memory this block owns exclusively
         // for writing.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), src.len()) };
+        copy_streaming(dst, src);
     }
 }
 
