@@ -225,9 +225,9 @@ impl Block {
     /// any of it (the caller freezes only bytes it wrote before).
     unsafe fn write(&self, at: usize, src: &[u8]) {
         assert!(at + src.len() <= self.len, "write past the block");
-        // SAFETY: in bounds (checked above); the caller guarantees no reader sees
-        // these bytes, and `src` cannot overlap memory this block owns exclusively
-        // for writing.
+        // SAFETY: in bounds (checked above); the caller guarantees that no reader
+        // holds these bytes, so this is the only reference to them, and `src`
+        // cannot overlap memory this block owns exclusively for writing.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), src.len()) };
         copy_streaming(dst, src);
     }
