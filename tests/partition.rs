@@ -880,7 +880,15 @@ fn partial_chunks_wait_while_io_is_in_flight() {
 /// A partition on `io` holding one small batch, synced: durable jobs need a sync
 /// since open.
 fn open_synced(dir: &std::path::Path, io: &FaultyIo) -> Partition<FaultyIo> {
-    let (mut p, _) = Partition::open(dir, small_config(), io.clone(), TimestampMs(0)).unwrap();
+    open_synced_with(dir, io, small_config())
+}
+
+fn open_synced_with(
+    dir: &std::path::Path,
+    io: &FaultyIo,
+    config: PartitionConfig,
+) -> Partition<FaultyIo> {
+    let (mut p, _) = Partition::open(dir, config, io.clone(), TimestampMs(0)).unwrap();
     append(&mut p, &batch("s0", 1, 100, 1_000));
     p.flush_blocking().unwrap();
     p
@@ -1066,14 +1074,9 @@ fn a_backlog_within_the_durable_job_limit_goes_out_durable() {
     use ringbus::storage::FlushScope;
     let dir = tempfile::tempdir().unwrap();
     let io = FaultyIo::new(u32::MAX, u32::MAX);
-    let (syncs, durable_writes) = (io.syncs.clone(), io.durable_writes.clone());
-    let writes = io.writes.clone();
-    let (mut p, _) =
-        Partition::open(dir.path(), big_segments(), io.clone(), TimestampMs(0)).unwrap();
-    append(&mut p, &batch("s0", 1, 100, 1_000));
-    p.flush_blocking().unwrap();
-    let syncs_before = syncs.get();
-    writes.borrow_mut().clear();
+    let mut p = open_synced_with(dir.path(), &io, big_segments());
+    let syncs_before = io.syncs.get();
+    io.writes.borrow_mut().clear();
     // About 2.5 MiB: more than flush_bytes (1 MiB), within 4 staging chunks.
     for i in 0..5 {
         append(&mut p, &batch(&format!("b{i}"), 500, 1_000, 1_000));
@@ -1089,9 +1092,9 @@ fn a_backlog_within_the_durable_job_limit_goes_out_durable() {
     p.complete_write(&job, r).unwrap();
     assert!(matches!(poll(&mut waiter), Some(Ok(_))));
     assert_eq!(p.durable_offset(), p.next_offset());
-    assert_eq!(syncs.get(), syncs_before, "no fdatasync");
-    assert!(writes.borrow().is_empty(), "no plain write");
-    assert!(durable_writes.borrow().len() >= 3, "one write per chunk");
+    assert_eq!(io.syncs.get(), syncs_before, "no fdatasync");
+    assert!(io.writes.borrow().is_empty(), "no plain write");
+    assert!(io.durable_writes.borrow().len() >= 3, "one write per chunk");
     // Over the limit (about 5 MiB pending): plain jobs stream, a sync acknowledges.
     for i in 0..10 {
         append(&mut p, &batch(&format!("c{i}"), 500, 1_000, 1_000));
