@@ -81,8 +81,10 @@ struct Args {
     /// waited this long.
     #[arg(long, default_value_t = 1000)]
     linger_us: u64,
-    /// Produce requests in flight per producer.
-    #[arg(long, default_value_t = 8)]
+    /// Produce requests in flight per producer. 16 keeps a producer of 1 MB
+    /// requests from being bound by its own window: with 8, it waited on the
+    /// disk's write latency at depth (docs/PERFORMANCE.md, "Producer window").
+    #[arg(long, default_value_t = 16)]
     in_flight: usize,
     /// fsync: acknowledged once on disk; memory: once written (survives a process crash).
     #[arg(long, default_value = "fsync")]
