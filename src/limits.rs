@@ -141,6 +141,19 @@ pub const FETCH_BYTES_MAX: u32 = 64 * 1024 * 1024;
 /// for long: 8 MiB is about 8 ms of reading at this disk's speed.
 pub const COLD_WARM_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// Cold spans (`storage::cold`) a partition keeps: the reader's, the read-ahead
+/// after it, and the one before (a fetch starts at the index entry before its
+/// offset, which may lie in it). Past it, the span earliest in the log goes.
+pub const COLD_SPANS_PER_PARTITION: usize = 4;
+
+/// Spans a cold reader's read-ahead keeps ready, its own included: each read-ahead
+/// (about 8 MiB from the disk) overlaps the reader's sending of the span before.
+pub const COLD_AHEAD_SPANS: usize = 2;
+
+/// Read buffers per shard for cold reads, each `storage::cold::READ_BUF_BYTES`
+/// (about 8 MiB). Past them, a cold read goes through the segment map instead.
+pub const COLD_READ_BUFFERS_PER_SHARD: usize = 8;
+
 /// Longest a fetch may wait for data at the tail.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 

@@ -206,6 +206,121 @@ fn cold_reads_are_found_before_they_fault() {
     assert_eq!(read_all(&q, Offset(0)), expected);
 }
 
+/// Reads the whole partition the way the server does: `prepare_read` (cold reads
+/// and their read-ahead, run to completion here) before every `read`. Returns the
+/// values with their offsets, and the fetches' sizes.
+fn read_all_prepared(
+    p: &Rc<std::cell::RefCell<Partition<StdIo>>>,
+    max_bytes: usize,
+) -> (Vec<(Offset, Vec<u8>)>, Vec<usize>) {
+    use futures_lite::future::block_on;
+    use ringbus::storage::partition::prepare_read;
+    let mut out = Vec::new();
+    let mut sizes = Vec::new();
+    let mut cur = p.borrow().log_start();
+    loop {
+        if let Some(ahead) = block_on(prepare_read(p, cur, max_bytes)) {
+            block_on(ahead);
+        }
+        let f = p.borrow().read(cur, max_bytes).expect("read");
+        if f.chunks.is_empty() {
+            assert_eq!(f.next_offset, f.high_watermark, "read stopped early");
+            return (out, sizes);
+        }
+        sizes.push(f.chunks.iter().map(|c| c.len()).sum());
+        push_values(&f.chunks, Offset(0), &mut out);
+        assert!(f.next_offset > cur, "no progress");
+        cur = f.next_offset;
+    }
+}
+
+/// After a restart nothing is cached: with a read pool, reads go through O_DIRECT
+/// cold spans (and their read-ahead) and return exactly what the maps hold, across
+/// segment boundaries, with fetches that stop where the spans stop.
+#[test]
+fn cold_reads_through_spans_match_the_maps() {
+    use ringbus::storage::cold::ReadPool;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = PartitionConfig {
+        segment_bytes: 256 * 1024,
+        ..PartitionConfig::default()
+    };
+    let (mut p, _) = open(dir.path(), cfg.clone());
+    for i in 0..300 {
+        append(&mut p, &batch(&format!("cold{i}"), 3, 700 + i % 50, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    drop(p);
+    let (q, _) = open(dir.path(), cfg.clone());
+    let expected = read_all(&q, Offset(0));
+    assert!(q.segment_count() > 2, "the data spans several segments");
+    drop(q);
+
+    let (mut q, _) = open(dir.path(), cfg);
+    let pool = ReadPool::new(4);
+    q.set_read_pool(pool.clone());
+    let q = Rc::new(std::cell::RefCell::new(q));
+    for max_bytes in [10_000, 64 * 1024, 1 << 20] {
+        let (got, sizes) = read_all_prepared(&q, max_bytes);
+        assert_eq!(got, expected, "max_bytes {max_bytes}");
+        assert!(sizes.iter().all(|&n| n <= max_bytes.max(3_000)));
+    }
+    assert!(pool.allocated() > 0, "no cold read ran");
+    assert!(
+        pool.allocated() <= 4,
+        "the pool grew past its limit: {}",
+        pool.allocated()
+    );
+}
+
+/// A batch corrupted on disk is caught when a cold span serves it (CRC), as a
+/// typed error, never served.
+#[test]
+fn a_corrupt_batch_in_a_cold_span_is_an_error() {
+    use ringbus::storage::cold::ReadPool;
+    use ringbus::storage::partition::prepare_read;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..80 {
+        append(&mut p, &batch(&format!("x{i}"), 2, 600, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    assert!(p.segment_count() > 1);
+    drop(p);
+    // A value byte of the third batch of the first (sealed) segment.
+    let seg = dir.path().join(format!("{:020}.log", 0));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    let at = 2 * batch("x0", 2, 600, 1_000).len() as u64 + 200;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x55], at).unwrap();
+    f.sync_all().unwrap();
+    ringbus::storage::io::drop_cached_pages(&f).unwrap();
+
+    let (mut q, _) = open(dir.path(), small_config());
+    let pool = ReadPool::new(2);
+    q.set_read_pool(pool.clone());
+    let q = Rc::new(std::cell::RefCell::new(q));
+    let _ = futures_lite::future::block_on(prepare_read(&q, Offset(0), 64 * 1024));
+    assert_eq!(
+        pool.allocated(),
+        1,
+        "the read did not go through a cold span"
+    );
+    let got = q.borrow().read(Offset(0), 64 * 1024);
+    match got {
+        Err(StorageError::ChecksumMismatch { position, .. }) => {
+            assert!(position <= at, "reported at {position}, corrupted at {at}");
+        }
+        other => panic!("expected a CRC error, got {other:?}"),
+    }
+}
+
 #[test]
 fn tail_cache_serves_fresh_batches_evicts_the_oldest_and_matches_the_maps() {
     let dir = tempfile::tempdir().unwrap();

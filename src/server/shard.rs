@@ -14,7 +14,8 @@ use crate::protocol::{
     ErrorCode, OffsetSpec, PartitionInfo, PartitionSelector, Request, Response, TopicConfig,
     TopicInfo, API_VERSIONS,
 };
-use crate::storage::partition::{apply_retention_shared, warm_for_read};
+use crate::storage::cold::ReadPool;
+use crate::storage::partition::{apply_retention_shared, prepare_read};
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
 use crate::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
@@ -90,6 +91,8 @@ pub struct Shard {
     io: UringIo,
     /// The tail cache every partition of this shard draws from.
     cache: CacheBudget,
+    /// Buffers for the partitions' cold reads (`storage::cold`).
+    read_pool: ReadPool,
     /// Requests being handled on this shard (for the shutdown drain).
     pub active: Cell<usize>,
     /// Bytes of large request frames being received or handled on this shard's
@@ -152,6 +155,7 @@ pub async fn run(
             partitions: RefCell::new(HashMap::new()),
             io,
             cache: CacheBudget::new(shared.cache.clone()),
+            read_pool: ReadPool::new(limits::COLD_READ_BUFFERS_PER_SHARD),
             active: Cell::new(0),
             request_memory: conn::RequestMemory::new(shared.config.request_memory_bytes),
             admin_turn: glommio::sync::Semaphore::new(1),
@@ -287,6 +291,7 @@ impl Shard {
             )
             .map_err(|e| anyhow::anyhow!("open {topic}/{p}: {e}"))?;
             part.set_tail_cache(self.cache.clone());
+            part.set_read_pool(self.read_pool.clone());
             if report.truncated_bytes > 0 || !report.corruptions.is_empty() {
                 tracing::warn!(
                     topic,
@@ -531,7 +536,12 @@ impl Shard {
                 let deadline = Instant::now() + Duration::from_millis(u64::from(max_wait_ms));
                 loop {
                     // Cold pages are read on a helper thread, not faulted in here.
-                    warm_for_read(&slot.part, offset, max_bytes as usize).await;
+                    // Data the tail cache does not hold is read from the disk off
+                    // the shard's thread, and the span after it read ahead.
+                    if let Some(ahead) = prepare_read(&slot.part, offset, max_bytes as usize).await
+                    {
+                        glommio::spawn_local(ahead).detach();
+                    }
                     let (res, written) = {
                         let part = slot.part.borrow();
                         (part.read(offset, max_bytes as usize), part.written_watch())

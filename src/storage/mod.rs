@@ -5,6 +5,8 @@
 //! - [`io`]: the narrow [`LogIo`] interface and the blocking [`StdIo`] backend.
 //! - [`uring`]: the glommio (io_uring) backend and the group-commit driver.
 //! - [`mmap`]: read-only maps handed out as `bytes::Bytes`.
+//! - [`cold`]: reads of data the tail cache does not hold, with O_DIRECT into reused
+//!   buffers.
 //! - [`index`]: the sparse offset index and the time index.
 //! - [`segment`]: one `.log` file: appends, reads, recovery scan.
 //! - [`partition`]: the ordered segments, offsets, flush, roll, retention.
@@ -13,6 +15,7 @@
 //! - [`watermark`]: runtime-free waiting on written and durable offsets.
 //! - [`dump`]: the operator's view of a segment (`ringbus segdump`).
 
+pub mod cold;
 pub mod copy;
 pub mod dump;
 pub mod index;

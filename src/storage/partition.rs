@@ -18,6 +18,7 @@
 
 use crate::batch::{BatchError, ValidBatch};
 use crate::limits;
+use crate::storage::cold::{self, ReadPool};
 use crate::storage::io::LogIo;
 use crate::storage::mmap;
 use crate::storage::segment::{
@@ -32,6 +33,7 @@ use futures_util::future::Either;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -363,6 +365,28 @@ pub struct Partition<B: LogIo> {
     dir_unsynced: bool,
     /// Sealed segments marked trimmed whose files are still to be cut.
     trims: Vec<Trim>,
+    /// Buffers for cold reads (`storage::cold`); `None` faults the maps in instead.
+    read_pool: Option<ReadPool>,
+    /// Cold reads in flight, as `(segment base, file position)`.
+    cold_reads: Vec<(Offset, u64)>,
+    /// Cold spans kept in the segments, oldest first.
+    cold_spans: VecDeque<(Offset, u64)>,
+    /// Bumped when a cold read completes, for fetches waiting on one in flight.
+    cold_done: Watermark,
+    /// Where the last cold read started `(segment base, file position, max_bytes)`:
+    /// read-ahead follows it.
+    cold_reader: Option<(Offset, u64, usize)>,
+    /// A read-ahead task is running.
+    cold_ahead_running: bool,
+}
+
+/// A span of one segment file for a cold read to bring into memory.
+#[derive(Debug, Clone)]
+pub struct ColdRead {
+    base: Offset,
+    path: PathBuf,
+    pos: u64,
+    len: usize,
 }
 
 /// The partition's next segment, prepared off the shard's thread (see
@@ -534,6 +558,12 @@ impl<B: LogIo> Partition<B> {
             spare_kicks: Watermark::new(0),
             dir_unsynced: false,
             trims: Vec::new(),
+            read_pool: None,
+            cold_reads: Vec::new(),
+            cold_spans: VecDeque::new(),
+            cold_done: Watermark::new(0),
+            cold_reader: None,
+            cold_ahead_running: false,
         };
         Ok((p, report))
     }
@@ -739,6 +769,126 @@ impl<B: LogIo> Partition<B> {
             .expect("at least one segment")
             .attach_cache(&budget);
         self.cache = Some(budget);
+    }
+
+    /// Reads data the tail cache does not hold with O_DIRECT into `pool`'s buffers
+    /// ([`prepare_read`]), instead of faulting the segment maps in.
+    pub fn set_read_pool(&mut self, pool: ReadPool) {
+        self.read_pool = Some(pool);
+    }
+
+    /// The cold read that a read from `from` of about `max_bytes` needs first
+    /// (`Segment::cold_plan_at`), `None` when the bytes are in memory already or
+    /// nothing is written there. Looks at the first segment the read touches.
+    pub fn cold_read_plan(&self, from: Offset, max_bytes: usize) -> Option<ColdRead> {
+        let (seg, pos) = self.read_start(from)?;
+        let (pos, len) = seg.cold_plan_at(pos, max_bytes)?;
+        Some(ColdRead {
+            base: seg.base,
+            path: seg.path.clone(),
+            pos,
+            len,
+        })
+    }
+
+    /// The segment a read from `from` starts in, and the file position it scans from.
+    fn read_start(&self, from: Offset) -> Option<(&Segment<B>, u64)> {
+        let seg = self.first_read_segment(from)?;
+        Some((seg, seg.read_start(from.max(seg.base))?))
+    }
+
+    /// The first segment with written batches at or after `from`; `None` when
+    /// `from` is outside the readable range.
+    fn first_read_segment(&self, from: Offset) -> Option<&Segment<B>> {
+        if from < self.log_start() || from >= self.written_offset() {
+            return None;
+        }
+        self.segments
+            .iter()
+            .skip(self.segment_holding(from))
+            .find(|s| from.max(s.base) < s.written_next)
+    }
+
+    /// The next read-ahead for the last cold reader: the first span past the cold
+    /// spans from its position on (into the next segment at a segment's end),
+    /// unless its own span and `COLD_AHEAD_SPANS - 1` after it are there already,
+    /// or that read is in flight.
+    fn cold_ahead_plan(&self) -> Option<ColdRead> {
+        let (mut base, mut pos, max_bytes) = self.cold_reader?;
+        let mut spans = 0;
+        loop {
+            let i = self.segments.iter().position(|s| s.base == base)?;
+            let seg = &self.segments[i];
+            if let Some(end) = seg.cold_end(pos) {
+                // The reader's own span, then the ones ready after it.
+                spans += 1;
+                if spans > limits::COLD_AHEAD_SPANS {
+                    return None;
+                }
+                pos = end;
+                continue;
+            }
+            if pos >= seg.written_len {
+                // A sealed segment read to its end: on to the next one.
+                let next = self.segments.get(i + 1)?;
+                if seg.is_active() {
+                    return None;
+                }
+                (base, pos) = (next.base, 0);
+                continue;
+            }
+            if self.cold_reads.contains(&(base, pos)) {
+                return None;
+            }
+            let (pos, len) = seg.cold_plan_at(pos, max_bytes)?;
+            return Some(ColdRead {
+                base,
+                path: seg.path.clone(),
+                pos,
+                len,
+            });
+        }
+    }
+
+    fn cold_read_in_flight(&self, r: &ColdRead) -> bool {
+        self.cold_reads.contains(&(r.base, r.pos))
+    }
+
+    /// Keeps what a cold read brought (if its segment is still there) and lets
+    /// fetches waiting for it look again. A failed read is only logged: the read
+    /// goes to the map, which reports a real problem with the file itself.
+    fn complete_cold_read(&mut self, r: &ColdRead, got: std::io::Result<Bytes>) {
+        self.cold_reads.retain(|k| *k != (r.base, r.pos));
+        match got {
+            Ok(bytes) => {
+                let kept = self
+                    .segments
+                    .iter_mut()
+                    .find(|s| s.base == r.base)
+                    .is_some_and(|seg| seg.install_cold(r.pos, bytes));
+                if kept {
+                    // Over the limit, the span earliest in the log goes: a sequential
+                    // reader has left it behind, and its buffer serves the next read.
+                    self.cold_spans.push_back((r.base, r.pos));
+                    if self.cold_spans.len() > limits::COLD_SPANS_PER_PARTITION {
+                        let (i, _) = self
+                            .cold_spans
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, k)| **k)
+                            .expect("not empty");
+                        let (base, pos) = self.cold_spans.remove(i).expect("in range");
+                        if let Some(seg) = self.segments.iter_mut().find(|s| s.base == base) {
+                            seg.drop_cold(pos);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %r.path.display(), pos = r.pos, error = %e, "cold read failed; reading through the map");
+            }
+        }
+        self.cold_done.advance(self.cold_done.get() + 1);
     }
 
     /// Bytes appended but not yet handed to a write job.
@@ -1221,14 +1371,7 @@ impl<B: LogIo> Partition<B> {
     /// tail cache, or resident pages) or nothing is written at `from`. Looks at the
     /// first segment the read touches.
     pub fn cold_span(&self, from: Offset, max_bytes: usize) -> Option<(Bytes, Bytes)> {
-        if from < self.log_start() || from >= self.written_offset() {
-            return None;
-        }
-        let seg = self
-            .segments
-            .iter()
-            .skip(self.segment_holding(from))
-            .find(|s| from.max(s.base) < s.written_next)?;
+        let seg = self.first_read_segment(from)?;
         let (span, ahead) = seg.cold_span(from.max(seg.base), max_bytes)?;
         // The read-ahead span counts too: were only this fetch's span checked, every
         // other fetch of a sequential reader would find its pages cold (measured:
@@ -1325,6 +1468,95 @@ pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset,
     if let Some((span, ahead)) = cold {
         io.run_blocking(move || mmap::fault_in(&span, &ahead)).await;
     }
+}
+
+/// Brings what a read from `from` of about `max_bytes` needs into memory before the
+/// read runs on the shard: with a read pool, an O_DIRECT read of the span on a
+/// helper thread (or a wait for the read-ahead that is bringing it); then, unless
+/// one runs already, it returns a read-ahead task for the caller to run in the
+/// background, which keeps reading the spans after it (up to `COLD_AHEAD_SPANS`
+/// past the reader) while the reader consumes. Without a read pool, or with every
+/// buffer in use, [`warm_for_read`] instead.
+pub async fn prepare_read<B: LogIo>(
+    part: &Rc<RefCell<Partition<B>>>,
+    from: Offset,
+    max_bytes: usize,
+) -> Option<impl Future<Output = ()> + 'static> {
+    let pool = part.borrow().read_pool.clone();
+    let Some(pool) = pool else {
+        warm_for_read(part, from, max_bytes).await;
+        return None;
+    };
+    loop {
+        let (plan, done) = {
+            let mut p = part.borrow_mut();
+            let start = p.read_start(from).map(|(seg, pos)| (seg.base, pos));
+            if let Some((base, pos)) = start {
+                let cached = p.segments.iter().find(|s| s.base == base).is_some_and(|s| {
+                    s.cold_plan_at(pos, max_bytes).is_none() && s.cold_end(pos).is_none()
+                });
+                if !cached {
+                    p.cold_reader = Some((base, pos, max_bytes));
+                }
+            }
+            (p.cold_read_plan(from, max_bytes), p.cold_done.clone())
+        };
+        let Some(plan) = plan else { break };
+        if part.borrow().cold_read_in_flight(&plan) {
+            // The read-ahead is bringing it: wait, then look again.
+            let seen = done.get();
+            let _ = done.wait_for(seen + 1).await;
+            continue;
+        }
+        let read = run_cold_read(part, &pool, plan).await;
+        if !read || part.borrow().cold_read_plan(from, max_bytes).is_some() {
+            // No buffer, or the span kept nothing (a failed read, or a first batch
+            // larger than a span): the map it is.
+            warm_for_read(part, from, max_bytes).await;
+            return None;
+        }
+        break;
+    }
+    {
+        let mut p = part.borrow_mut();
+        if p.cold_ahead_running || p.cold_ahead_plan().is_none() {
+            return None;
+        }
+        p.cold_ahead_running = true;
+    }
+    let part = part.clone();
+    Some(async move {
+        loop {
+            let plan = part.borrow().cold_ahead_plan();
+            let Some(plan) = plan else { break };
+            if !run_cold_read(&part, &pool, plan).await {
+                break;
+            }
+        }
+        part.borrow_mut().cold_ahead_running = false;
+    })
+}
+
+/// Runs one cold read and keeps its bytes; false when no read buffer is free.
+async fn run_cold_read<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    pool: &ReadPool,
+    plan: ColdRead,
+) -> bool {
+    let Some(buf) = pool.take() else {
+        return false;
+    };
+    let io = {
+        let mut p = part.borrow_mut();
+        p.cold_reads.push((plan.base, plan.pos));
+        p.io.clone()
+    };
+    let r = plan.clone();
+    let got = io
+        .run_blocking(move || cold::read_span(&r.path, r.pos, r.len, buf))
+        .await;
+    part.borrow_mut().complete_cold_read(&plan, got);
+    true
 }
 
 /// Removes the files of the segments at `bases` (already dropped from their

@@ -359,6 +359,22 @@ pub(crate) struct Segment<B: LogIo> {
     /// Copies of the batches appended since the cache was attached (see
     /// [`tail_cache`](super::tail_cache)); reads of those positions use it.
     cache: Option<SegmentCache>,
+    /// File bytes read by cold reads (`storage::cold`); reads of those positions
+    /// use them instead of the map. The partition decides how many stay.
+    cold: std::collections::VecDeque<ColdSpan>,
+}
+
+/// File bytes `[pos, pos + bytes.len())` of a segment, read from the disk into a
+/// reused buffer; whole batches only, starting on a batch boundary.
+struct ColdSpan {
+    pos: u64,
+    bytes: Bytes,
+}
+
+impl ColdSpan {
+    fn end(&self) -> u64 {
+        self.pos + self.bytes.len() as u64
+    }
 }
 
 impl<B: LogIo> std::fmt::Debug for Segment<B> {
@@ -591,6 +607,7 @@ impl<B: LogIo> Segment<B> {
             staging: None,
             ready: Vec::new(),
             cache: None,
+            cold: std::collections::VecDeque::new(),
         }
     }
 
@@ -1117,17 +1134,109 @@ impl<B: LogIo> Segment<B> {
     /// and ending on a batch boundary: from the tail cache when it holds `pos`,
     /// otherwise from the map (stopping where the cache starts, so the batches after
     /// come from memory). The flag says whether the bytes come from the map.
+    /// A cold span read from the disk comes before the map, and a map region stops
+    /// where the next span starts. Both count as from the map (checked by CRC).
     fn region(&self, pos: u64, limit: u64) -> (Bytes, bool) {
         if let Some(c) = &self.cache {
             if let Some(r) = c.region(pos, limit) {
                 return (r, false);
             }
         }
-        let end = match self.cache.as_ref().and_then(SegmentCache::first_pos) {
+        let mut end = match self.cache.as_ref().and_then(SegmentCache::first_pos) {
             Some(first) if first > pos => first.min(limit),
             _ => limit,
         };
+        if let Some(s) = self.cold_at(pos) {
+            let stop = end.min(s.end());
+            return (
+                s.bytes
+                    .slice((pos - s.pos) as usize..(stop - s.pos) as usize),
+                true,
+            );
+        }
+        if let Some(next) = self.cold.iter().map(|s| s.pos).filter(|&p| p > pos).min() {
+            end = end.min(next);
+        }
         (self.map.slice(pos as usize..end as usize), true)
+    }
+
+    /// Whether the bytes at `pos` are neither cached nor in a cold span.
+    fn map_holds_only(&self, pos: u64, limit: u64) -> bool {
+        self.cold_at(pos).is_none()
+            && self
+                .cache
+                .as_ref()
+                .is_none_or(|c| c.region(pos, limit).is_none())
+    }
+
+    fn cold_at(&self, pos: u64) -> Option<&ColdSpan> {
+        self.cold.iter().find(|s| s.pos <= pos && pos < s.end())
+    }
+
+    /// Where a read from `offset` starts scanning: the index entry before it (a
+    /// batch boundary). `None` when nothing is written at `offset`.
+    pub(crate) fn read_start(&self, offset: Offset) -> Option<u64> {
+        if offset >= self.written_next || self.written_len == 0 {
+            return None;
+        }
+        Some(
+            self.index_entry_for(offset)
+                .map_or(0, |e| u64::from(e.position)),
+        )
+    }
+
+    /// The end of the cold span that holds file position `pos`, if one does.
+    pub(crate) fn cold_end(&self, pos: u64) -> Option<u64> {
+        self.cold_at(pos).map(ColdSpan::end)
+    }
+
+    /// The file span a cold read should bring into memory for reads from `pos` (a
+    /// batch boundary) of about `max_bytes`: at most `COLD_WARM_BYTES_MAX` plus the
+    /// two index intervals a read may scan first, never into the tail cache. `None`
+    /// when the bytes at `pos` are in memory already (cached, or in a span), or
+    /// nothing is written there.
+    pub(crate) fn cold_plan_at(&self, pos: u64, max_bytes: usize) -> Option<(u64, usize)> {
+        let limit = self.written_len;
+        if pos >= limit || self.cold_at(pos).is_some() {
+            return None;
+        }
+        if let Some(c) = &self.cache {
+            if c.region(pos, limit).is_some() {
+                return None;
+            }
+        }
+        let want = max_bytes
+            .min(COLD_WARM_BYTES_MAX)
+            .saturating_add(2 * INDEX_INTERVAL_BYTES as usize) as u64;
+        let mut end = limit.min(pos + want);
+        if let Some(first) = self.cache.as_ref().and_then(SegmentCache::first_pos) {
+            if first > pos {
+                end = end.min(first);
+            }
+        }
+        Some((pos, (end - pos) as usize))
+    }
+
+    /// Keeps `bytes`, read from file position `pos` (a batch boundary, as
+    /// [`Segment::cold_plan_at`] gave it), for reads: its whole batches only, and only
+    /// what was written. Returns whether it kept anything.
+    pub(crate) fn install_cold(&mut self, pos: u64, bytes: Bytes) -> bool {
+        let written = self.written_len.saturating_sub(pos) as usize;
+        let bytes = bytes.slice(..bytes.len().min(written));
+        let whole = crate::storage::cold::whole_batches(&bytes);
+        if whole == 0 || self.cold_at(pos).is_some() {
+            return false;
+        }
+        self.cold.push_back(ColdSpan {
+            pos,
+            bytes: bytes.slice(..whole),
+        });
+        true
+    }
+
+    /// Lets go of the cold span read from `pos` (readers holding its bytes keep them).
+    pub(crate) fn drop_cold(&mut self, pos: u64) {
+        self.cold.retain(|s| s.pos != pos);
     }
 
     pub(crate) fn persist_index(&mut self, len: u64, next: Offset) -> Result<(), StorageError> {
@@ -1303,6 +1412,11 @@ impl<B: LogIo> Segment<B> {
         };
         while pos < limit {
             if pos >= region_pos + region.len() as u64 {
+                // A read through cold spans stops where they stop rather than fault
+                // the map in on the shard: the next fetch reads on from there.
+                if self.cold_at(region_pos).is_some() && self.map_holds_only(pos, limit) {
+                    break;
+                }
                 push(region.slice((pushed_to - region_pos) as usize..), from_map);
                 (region, from_map) = self.region(pos, limit);
                 region_pos = pos;

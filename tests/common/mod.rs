@@ -52,21 +52,27 @@ pub fn read_all<B: LogIo>(p: &Partition<B>, from: Offset) -> Vec<(Offset, Vec<u8
             assert_eq!(f.next_offset, f.high_watermark, "read stopped early");
             return out;
         }
-        for chunk in &f.chunks {
-            let mut pos = 0;
-            while pos < chunk.len() {
-                let b = BatchRef::parse_full(&chunk[pos..]).expect("fetched batch valid");
-                for r in b.records() {
-                    let r = r.expect("record");
-                    if r.offset >= from {
-                        out.push((r.offset, r.value.unwrap_or_default().to_vec()));
-                    }
-                }
-                pos += b.len();
-            }
-        }
+        push_values(&f.chunks, from, &mut out);
         assert!(f.next_offset > cur, "no progress");
         cur = f.next_offset;
+    }
+}
+
+/// Appends every record value at or after `from` in fetched `chunks`, with its
+/// offset, checking each batch whole.
+pub fn push_values(chunks: &[bytes::Bytes], from: Offset, out: &mut Vec<(Offset, Vec<u8>)>) {
+    for chunk in chunks {
+        let mut pos = 0;
+        while pos < chunk.len() {
+            let b = BatchRef::parse_full(&chunk[pos..]).expect("fetched batch valid");
+            for r in b.records() {
+                let r = r.expect("record");
+                if r.offset >= from {
+                    out.push((r.offset, r.value.unwrap_or_default().to_vec()));
+                }
+            }
+            pos += b.len();
+        }
     }
 }
 
