@@ -1337,6 +1337,11 @@ impl<B: LogIo> Partition<B> {
                 break;
             }
             cur = cur.max(seg.base);
+            if !chunks.is_empty() && self.read_pool.is_some() && seg.would_read_map(cur) {
+                // With cold reads, a fetch that has bytes does not fault the next
+                // segment's map in on the shard: the next fetch reads it cold.
+                break;
+            }
             let Some((n, next)) = seg.read(cur, budget, chunks.is_empty(), &mut chunks)? else {
                 continue;
             };

@@ -1160,6 +1160,13 @@ impl<B: LogIo> Segment<B> {
         (self.map.slice(pos as usize..end as usize), true)
     }
 
+    /// Whether a read from `offset` would start in the map (neither cached nor in a
+    /// cold span).
+    pub(crate) fn would_read_map(&self, offset: Offset) -> bool {
+        self.read_start(offset)
+            .is_some_and(|pos| self.map_holds_only(pos, self.written_len))
+    }
+
     /// Whether the bytes at `pos` are neither cached nor in a cold span.
     fn map_holds_only(&self, pos: u64, limit: u64) -> bool {
         self.cold_at(pos).is_none()
