@@ -1529,22 +1529,50 @@ pub async fn prepare_read<B: LogIo>(
         }
         p.cold_ahead_running = true;
     }
-    let part = part.clone();
+    // Clears the flag however the task ends, even dropped before it ran.
+    let running = ColdGuard {
+        part: part.clone(),
+        read: None,
+    };
     Some(async move {
         loop {
-            let plan = part.borrow().cold_ahead_plan();
+            let plan = running.part.borrow().cold_ahead_plan();
             let Some(plan) = plan else { break };
-            if !run_cold_read(&part, &pool, plan).await {
+            if !run_cold_read(&running.part, &pool, plan).await {
                 break;
             }
         }
-        part.borrow_mut().cold_ahead_running = false;
     })
+}
+
+/// Undoes a cold read's bookkeeping if its future is dropped before it completes
+/// (the read is forgotten, and fetches waiting for it look again), and, without a
+/// read, marks the partition's read-ahead task ended.
+struct ColdGuard<B: LogIo> {
+    part: Rc<RefCell<Partition<B>>>,
+    read: Option<ColdRead>,
+}
+
+impl<B: LogIo> Drop for ColdGuard<B> {
+    fn drop(&mut self) {
+        let Ok(mut p) = self.part.try_borrow_mut() else {
+            return;
+        };
+        match self.read.take() {
+            Some(r) => {
+                if p.cold_read_in_flight(&r) {
+                    p.cold_reads.retain(|k| *k != (r.base, r.pos));
+                    p.cold_done.advance(p.cold_done.get() + 1);
+                }
+            }
+            None => p.cold_ahead_running = false,
+        }
+    }
 }
 
 /// Runs one cold read and keeps its bytes; false when no read buffer is free.
 async fn run_cold_read<B: LogIo>(
-    part: &RefCell<Partition<B>>,
+    part: &Rc<RefCell<Partition<B>>>,
     pool: &ReadPool,
     plan: ColdRead,
 ) -> bool {
@@ -1555,6 +1583,10 @@ async fn run_cold_read<B: LogIo>(
         let mut p = part.borrow_mut();
         p.cold_reads.push((plan.base, plan.pos));
         p.io.clone()
+    };
+    let _pending = ColdGuard {
+        part: part.clone(),
+        read: Some(plan.clone()),
     };
     let r = plan.clone();
     let got = io
