@@ -146,9 +146,14 @@ pub const COLD_WARM_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// offset, which may lie in it). Past it, the span earliest in the log goes.
 pub const COLD_SPANS_PER_PARTITION: usize = 4;
 
-/// Spans a cold reader's read-ahead keeps ready, its own included: each read-ahead
-/// (about 8 MiB from the disk) overlaps the reader's sending of the span before.
+/// Spans a cold reader's read-ahead keeps ready after the reader's own: each
+/// read-ahead (about 8 MiB from the disk) overlaps the reader's sending of the span
+/// before.
 pub const COLD_AHEAD_SPANS: usize = 2;
+
+/// Cold spans no read went through for this long give their buffers back (checked
+/// with retention, every `RETENTION_CHECK_MS`).
+pub const COLD_IDLE_MS: u64 = 5_000;
 
 /// Read buffers per shard for cold reads, each `storage::cold::READ_BUF_BYTES`
 /// (about 8 MiB). Past them, a cold read goes through the segment map instead.

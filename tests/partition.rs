@@ -206,6 +206,55 @@ fn cold_reads_are_found_before_they_fault() {
     assert_eq!(read_all(&q, Offset(0)), expected);
 }
 
+/// A closed log on disk for cold-read tests: `n` batches from `make` in segments of
+/// `segment_bytes`, and every value with its offset as the maps read them.
+struct ColdLog {
+    dir: tempfile::TempDir,
+    cfg: PartitionConfig,
+    expected: Vec<(Offset, Vec<u8>)>,
+    segments: usize,
+}
+
+impl ColdLog {
+    fn new(segment_bytes: u64, n: usize, make: impl Fn(usize) -> Vec<u8>) -> ColdLog {
+        // On the build's own filesystem, where O_DIRECT works (tmpfs refuses it).
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let cfg = PartitionConfig {
+            segment_bytes,
+            ..PartitionConfig::default()
+        };
+        let (mut p, _) = open(dir.path(), cfg.clone());
+        for i in 0..n {
+            append(&mut p, &make(i));
+        }
+        p.flush_blocking().unwrap();
+        drop(p);
+        let (q, _) = open(dir.path(), cfg.clone());
+        let expected = read_all(&q, Offset(0));
+        let segments = q.segment_count();
+        ColdLog {
+            dir,
+            cfg,
+            expected,
+            segments,
+        }
+    }
+
+    /// The log reopened (nothing cached) with a read pool of `buffers`.
+    fn reopen(
+        &self,
+        buffers: usize,
+    ) -> (
+        Rc<std::cell::RefCell<Partition<StdIo>>>,
+        ringbus::storage::cold::ReadPool,
+    ) {
+        let (mut q, _) = open(self.dir.path(), self.cfg.clone());
+        let pool = ringbus::storage::cold::ReadPool::new(buffers);
+        q.set_read_pool(pool.clone());
+        (Rc::new(std::cell::RefCell::new(q)), pool)
+    }
+}
+
 /// Reads the whole partition the way the server does: `prepare_read` (cold reads
 /// and their read-ahead, run to completion here) before every `read`. Returns the
 /// values with their offsets, and the fetches' sizes.
@@ -239,30 +288,15 @@ fn read_all_prepared(
 /// segment boundaries, with fetches that stop where the spans stop.
 #[test]
 fn cold_reads_through_spans_match_the_maps() {
-    use ringbus::storage::cold::ReadPool;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let cfg = PartitionConfig {
-        segment_bytes: 256 * 1024,
-        ..PartitionConfig::default()
-    };
-    let (mut p, _) = open(dir.path(), cfg.clone());
-    for i in 0..300 {
-        append(&mut p, &batch(&format!("cold{i}"), 3, 700 + i % 50, 1_000));
-    }
-    p.flush_blocking().unwrap();
-    drop(p);
-    let (q, _) = open(dir.path(), cfg.clone());
-    let expected = read_all(&q, Offset(0));
-    assert!(q.segment_count() > 2, "the data spans several segments");
-    drop(q);
-
-    let (mut q, _) = open(dir.path(), cfg);
-    let pool = ReadPool::new(4);
-    q.set_read_pool(pool.clone());
-    let q = Rc::new(std::cell::RefCell::new(q));
+    let log = ColdLog::new(256 * 1024, 300, |i| {
+        batch(&format!("cold{i}"), 3, 700 + i % 50, 1_000)
+    });
+    let expected = &log.expected;
+    assert!(log.segments > 2, "the data spans several segments");
+    let (q, pool) = log.reopen(4);
     for max_bytes in [10_000, 64 * 1024, 1 << 20] {
         let (got, sizes) = read_all_prepared(&q, max_bytes);
-        assert_eq!(got, expected, "max_bytes {max_bytes}");
+        assert_eq!(&got, expected, "max_bytes {max_bytes}");
         assert!(sizes.iter().all(|&n| n <= max_bytes.max(3_000)));
     }
     assert!(pool.allocated() > 0, "no cold read ran");
@@ -278,32 +312,14 @@ fn cold_reads_through_spans_match_the_maps() {
 /// consecutive batches holding the requested offset, with the values the maps hold.
 #[test]
 fn scattered_cold_reads_return_the_right_batches() {
-    use ringbus::storage::cold::ReadPool;
     use ringbus::storage::partition::prepare_read;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let cfg = PartitionConfig {
-        segment_bytes: 128 * 1024,
-        ..PartitionConfig::default()
-    };
-    let (mut p, _) = open(dir.path(), cfg.clone());
-    for i in 0..400 {
-        append(
-            &mut p,
-            &batch(&format!("s{i}"), 1 + i % 4, 300 + i % 700, 1_000),
-        );
-    }
-    p.flush_blocking().unwrap();
-    drop(p);
-    let (q, _) = open(dir.path(), cfg.clone());
+    let log = ColdLog::new(128 * 1024, 400, |i| {
+        batch(&format!("s{i}"), 1 + i % 4, 300 + i % 700, 1_000)
+    });
+    let end = log.expected.last().unwrap().0.plus(1);
     let expected: std::collections::HashMap<Offset, Vec<u8>> =
-        read_all(&q, Offset(0)).into_iter().collect();
-    let end = q.next_offset();
-    drop(q);
-
-    let (mut q, _) = open(dir.path(), cfg);
-    let pool = ReadPool::new(3);
-    q.set_read_pool(pool.clone());
-    let q = Rc::new(std::cell::RefCell::new(q));
+        log.expected.iter().cloned().collect();
+    let (q, pool) = log.reopen(3);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
         seed ^= seed << 13;
@@ -334,6 +350,47 @@ fn scattered_cold_reads_return_the_right_batches() {
         assert_eq!(f.next_offset, got.last().unwrap().0.plus(1));
     }
     assert!(pool.allocated() > 0 && pool.allocated() <= 3);
+}
+
+/// A batch larger than a cold span keeps nothing when read cold: the fetch goes
+/// through the map instead, the position is not read cold again, and neither the
+/// fetch nor the read-ahead loops.
+#[test]
+fn batches_larger_than_a_cold_span_are_read_through_the_map() {
+    let log = ColdLog::new(512 * 1024, 12, |i| {
+        batch(&format!("big{i}"), 40, 2_000, 1_000)
+    });
+    let expected = log.expected.clone();
+    let (q, _pool) = log.reopen(2);
+    // 10,000 bytes asked, spans of at most 10,000 + 8 KiB: every 80 KB batch is larger.
+    let (got, _) = read_all_prepared(&q, 10_000);
+    assert_eq!(got, expected);
+    let (again, _) = read_all_prepared(&q, 10_000);
+    assert_eq!(again, expected);
+}
+
+/// Cold spans give their buffers back: those a sequential reader has moved past at
+/// once, and all of them once no read went through them for `COLD_IDLE_MS`.
+#[test]
+fn cold_spans_give_their_buffers_back() {
+    let log = ColdLog::new(256 * 1024, 300, |i| batch(&format!("g{i}"), 3, 700, 1_000));
+    let (q, pool) = log.reopen(8);
+    let (got, sizes) = read_all_prepared(&q, 32 * 1024);
+    assert!(sizes.len() > 10 && !got.is_empty());
+    let held = pool.allocated() - pool.free();
+    assert!(
+        held <= ringbus::limits::COLD_SPANS_PER_PARTITION,
+        "{held} buffers still held after a sequential read"
+    );
+    let later = Instant::now() + std::time::Duration::from_millis(ringbus::limits::COLD_IDLE_MS);
+    q.borrow_mut().expire_cold_spans(Instant::now());
+    assert_eq!(pool.allocated() - pool.free(), held, "not idle yet");
+    q.borrow_mut().expire_cold_spans(later);
+    assert_eq!(
+        pool.free(),
+        pool.allocated(),
+        "idle spans kept their buffers"
+    );
 }
 
 /// A batch corrupted on disk is caught when a cold span serves it (CRC), as a

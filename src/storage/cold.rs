@@ -80,6 +80,11 @@ impl ReadPool {
     pub fn allocated(&self) -> usize {
         self.inner.state.lock().expect("read pool lock").allocated
     }
+
+    /// Buffers allocated and not held by any span or response.
+    pub fn free(&self) -> usize {
+        self.inner.state.lock().expect("read pool lock").free.len()
+    }
 }
 
 impl Clone for ReadPool {
@@ -167,13 +172,24 @@ fn open_direct(path: &Path) -> io::Result<File> {
 
 /// The length of the longest prefix of `bytes` made of whole batches (by their
 /// declared lengths; a header that does not parse ends the prefix, and the reader
-/// that reaches it reports it from the map).
-pub fn whole_batches(bytes: &[u8]) -> usize {
+/// that reaches it reports it from the map), and the offset after its last batch
+/// (`None` for an empty prefix).
+pub fn whole_batches(bytes: &[u8]) -> (usize, Option<u64>) {
     let mut pos = 0;
+    let mut next = None;
     while let Ok(len) = batch::check_header(&bytes[pos..]) {
+        let h = batch::header(&bytes[pos..]).expect("checked");
+        let Some(after) = h
+            .base_offset
+            .get()
+            .checked_add(u64::from(h.last_offset_delta.get()) + 1)
+        else {
+            break;
+        };
+        next = Some(after);
         pos += len;
     }
-    pos
+    (pos, next)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
 use futures_util::future::Either;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -367,17 +367,61 @@ pub struct Partition<B: LogIo> {
     trims: Vec<Trim>,
     /// Buffers for cold reads (`storage::cold`); `None` faults the maps in instead.
     read_pool: Option<ReadPool>,
-    /// Cold reads in flight, as `(segment base, file position)`.
-    cold_reads: Vec<(Offset, u64)>,
-    /// Cold spans kept in the segments, oldest first.
+    /// What the cold read tasks touch without borrowing the partition.
+    cold: Rc<ColdState>,
+    /// Cold spans kept in the segments, `(segment base, file position)`.
     cold_spans: VecDeque<(Offset, u64)>,
-    /// Bumped when a cold read completes, for fetches waiting on one in flight.
-    cold_done: Watermark,
     /// Where the last cold read started `(segment base, file position, max_bytes)`:
     /// read-ahead follows it.
     cold_reader: Option<(Offset, u64, usize)>,
+    /// When a read last went through the cold spans; idle spans give their buffers
+    /// back ([`Partition::expire_cold_spans`]).
+    cold_used: Option<Instant>,
+}
+
+/// Cold-read bookkeeping shared with the read tasks, so that a task dropped
+/// half-way can undo its part without borrowing the partition.
+struct ColdState {
+    /// Reads in flight, `(segment base, file position)`.
+    reads: RefCell<Vec<(Offset, u64)>>,
+    /// Positions whose read kept nothing (a batch larger than a span, a header that
+    /// does not parse, a failed read): the map serves reads there, and they are not
+    /// read cold again. The most recent `COLD_DEAD_MAX`.
+    dead: RefCell<VecDeque<(Offset, u64)>>,
+    /// Bumped when a cold read ends, for fetches waiting on one in flight.
+    done: Watermark,
     /// A read-ahead task is running.
-    cold_ahead_running: bool,
+    ahead_running: Cell<bool>,
+}
+
+impl ColdState {
+    fn in_flight(&self, at: (Offset, u64)) -> bool {
+        self.reads.borrow().contains(&at)
+    }
+
+    fn is_dead(&self, at: (Offset, u64)) -> bool {
+        self.dead.borrow().contains(&at)
+    }
+
+    /// The read at `at` ended (completed, failed or dropped).
+    fn end_read(&self, at: (Offset, u64)) {
+        self.reads.borrow_mut().retain(|k| *k != at);
+        self.done.advance(self.done.get() + 1);
+    }
+}
+
+/// Positions remembered as unreadable cold ([`ColdState::dead`]).
+const COLD_DEAD_MAX: usize = 64;
+
+/// What a read needs before it runs ([`Partition::cold_read_plan`]).
+#[derive(Debug)]
+pub enum ColdPlan {
+    /// Its bytes are in memory (tail cache or cold spans), or nothing is written.
+    Ready,
+    /// This span is to be read from the disk first.
+    Read(ColdRead),
+    /// A cold read there kept nothing before: the read goes through the map.
+    Map,
 }
 
 /// A span of one segment file for a cold read to bring into memory.
@@ -559,11 +603,15 @@ impl<B: LogIo> Partition<B> {
             dir_unsynced: false,
             trims: Vec::new(),
             read_pool: None,
-            cold_reads: Vec::new(),
+            cold: Rc::new(ColdState {
+                reads: RefCell::new(Vec::new()),
+                dead: RefCell::new(VecDeque::new()),
+                done: Watermark::new(0),
+                ahead_running: Cell::new(false),
+            }),
             cold_spans: VecDeque::new(),
-            cold_done: Watermark::new(0),
             cold_reader: None,
-            cold_ahead_running: false,
+            cold_used: None,
         };
         Ok((p, report))
     }
@@ -777,18 +825,33 @@ impl<B: LogIo> Partition<B> {
         self.read_pool = Some(pool);
     }
 
-    /// The cold read that a read from `from` of about `max_bytes` needs first
-    /// (`Segment::cold_plan_at`), `None` when the bytes are in memory already or
-    /// nothing is written there. Looks at the first segment the read touches.
-    pub fn cold_read_plan(&self, from: Offset, max_bytes: usize) -> Option<ColdRead> {
-        let (seg, pos) = self.read_start(from)?;
-        let (pos, len) = seg.cold_plan_at(pos, max_bytes)?;
-        Some(ColdRead {
-            base: seg.base,
-            path: seg.path.clone(),
-            pos,
-            len,
-        })
+    /// What a read from `from` of about `max_bytes` needs first: the cold read of
+    /// the span that holds the batch with `from` (`Segment::cold_plan_at`, after the
+    /// spans that end before it). Looks at the first segment the read touches.
+    pub fn cold_read_plan(&self, from: Offset, max_bytes: usize) -> ColdPlan {
+        let Some((seg, mut pos)) = self.read_start(from) else {
+            return ColdPlan::Ready;
+        };
+        // The read scans from the index entry before `from`; spans whose batches all
+        // come before `from` are only walked through.
+        while let Some((end, next)) = seg.cold_end(pos) {
+            if next > from {
+                return ColdPlan::Ready;
+            }
+            pos = end;
+        }
+        if self.cold.is_dead((seg.base, pos)) {
+            return ColdPlan::Map;
+        }
+        match seg.cold_plan_at(pos, max_bytes) {
+            Some((pos, len)) => ColdPlan::Read(ColdRead {
+                base: seg.base,
+                path: seg.path.clone(),
+                pos,
+                len,
+            }),
+            None => ColdPlan::Ready,
+        }
     }
 
     /// The segment a read from `from` starts in, and the file position it scans from.
@@ -811,15 +874,15 @@ impl<B: LogIo> Partition<B> {
 
     /// The next read-ahead for the last cold reader: the first span past the cold
     /// spans from its position on (into the next segment at a segment's end),
-    /// unless its own span and `COLD_AHEAD_SPANS - 1` after it are there already,
-    /// or that read is in flight.
+    /// unless `COLD_AHEAD_SPANS` spans after its own are there already, or that
+    /// read is in flight or known to keep nothing.
     fn cold_ahead_plan(&self) -> Option<ColdRead> {
         let (mut base, mut pos, max_bytes) = self.cold_reader?;
         let mut spans = 0;
         loop {
             let i = self.segments.iter().position(|s| s.base == base)?;
             let seg = &self.segments[i];
-            if let Some(end) = seg.cold_end(pos) {
+            if let Some((end, _)) = seg.cold_end(pos) {
                 // The reader's own span, then the ones ready after it.
                 spans += 1;
                 if spans > limits::COLD_AHEAD_SPANS {
@@ -837,7 +900,7 @@ impl<B: LogIo> Partition<B> {
                 (base, pos) = (next.base, 0);
                 continue;
             }
-            if self.cold_reads.contains(&(base, pos)) {
+            if self.cold.in_flight((base, pos)) || self.cold.is_dead((base, pos)) {
                 return None;
             }
             let (pos, len) = seg.cold_plan_at(pos, max_bytes)?;
@@ -850,45 +913,86 @@ impl<B: LogIo> Partition<B> {
         }
     }
 
-    fn cold_read_in_flight(&self, r: &ColdRead) -> bool {
-        self.cold_reads.contains(&(r.base, r.pos))
-    }
-
-    /// Keeps what a cold read brought (if its segment is still there) and lets
-    /// fetches waiting for it look again. A failed read is only logged: the read
-    /// goes to the map, which reports a real problem with the file itself.
-    fn complete_cold_read(&mut self, r: &ColdRead, got: std::io::Result<Bytes>) {
-        self.cold_reads.retain(|k| *k != (r.base, r.pos));
-        match got {
-            Ok(bytes) => {
-                let kept = self
-                    .segments
-                    .iter_mut()
-                    .find(|s| s.base == r.base)
-                    .is_some_and(|seg| seg.install_cold(r.pos, bytes));
-                if kept {
-                    // Over the limit, the span earliest in the log goes: a sequential
-                    // reader has left it behind, and its buffer serves the next read.
-                    self.cold_spans.push_back((r.base, r.pos));
-                    if self.cold_spans.len() > limits::COLD_SPANS_PER_PARTITION {
-                        let (i, _) = self
-                            .cold_spans
-                            .iter()
-                            .enumerate()
-                            .min_by_key(|(_, k)| **k)
-                            .expect("not empty");
-                        let (base, pos) = self.cold_spans.remove(i).expect("in range");
-                        if let Some(seg) = self.segments.iter_mut().find(|s| s.base == base) {
-                            seg.drop_cold(pos);
-                        }
-                    }
-                }
-            }
+    /// Keeps what a cold read brought (if its segment is still there), lets fetches
+    /// waiting for it look again, and returns whether anything was kept. A read that
+    /// kept nothing marks its position dead: a failed read is only logged, and the
+    /// map serves that position (and reports a real problem with the file itself).
+    fn complete_cold_read(&mut self, r: &ColdRead, got: std::io::Result<Bytes>) -> bool {
+        let kept = match got {
+            Ok(bytes) => self
+                .segments
+                .iter_mut()
+                .find(|s| s.base == r.base)
+                .is_some_and(|seg| seg.install_cold(r.pos, bytes)),
             Err(e) => {
                 tracing::warn!(path = %r.path.display(), pos = r.pos, error = %e, "cold read failed; reading through the map");
+                false
             }
+        };
+        if kept {
+            // Over the limit, the span earliest in the log goes (never the one just
+            // read): a sequential reader has left it behind.
+            if self.cold_spans.len() >= limits::COLD_SPANS_PER_PARTITION {
+                let oldest = self.cold_spans.iter().copied().min();
+                if let Some(at) = oldest {
+                    self.drop_cold_span(at);
+                }
+            }
+            self.cold_spans.push_back((r.base, r.pos));
+        } else {
+            let mut dead = self.cold.dead.borrow_mut();
+            if dead.len() >= COLD_DEAD_MAX {
+                dead.pop_front();
+            }
+            dead.push_back((r.base, r.pos));
         }
-        self.cold_done.advance(self.cold_done.get() + 1);
+        self.cold.end_read((r.base, r.pos));
+        kept
+    }
+
+    fn drop_cold_span(&mut self, at: (Offset, u64)) {
+        self.cold_spans.retain(|k| *k != at);
+        if let Some(seg) = self.segments.iter_mut().find(|s| s.base == at.0) {
+            seg.drop_cold(at.1);
+        }
+    }
+
+    /// Gives back the buffers of cold spans that end at or before file position
+    /// `pos` of segment `base` (a reader has moved past them).
+    fn drop_cold_spans_before(&mut self, base: Offset, pos: u64) {
+        let behind: Vec<(Offset, u64)> = self
+            .cold_spans
+            .iter()
+            .copied()
+            .filter(|&(b, p)| {
+                b < base
+                    || (b == base
+                        && self
+                            .segments
+                            .iter()
+                            .find(|s| s.base == b)
+                            .and_then(|s| s.cold_end(p))
+                            .is_some_and(|(end, _)| end <= pos))
+            })
+            .collect();
+        for at in behind {
+            self.drop_cold_span(at);
+        }
+    }
+
+    /// Drops every cold span when no read has gone through them for
+    /// `COLD_IDLE_MS`, so that a reader that left does not keep the shard's read
+    /// buffers. Called with retention's periodic check.
+    pub fn expire_cold_spans(&mut self, now: Instant) {
+        let idle = self.cold_used.is_some_and(|t| {
+            now.saturating_duration_since(t) >= Duration::from_millis(limits::COLD_IDLE_MS)
+        });
+        if idle {
+            for at in self.cold_spans.clone() {
+                self.drop_cold_span(at);
+            }
+            self.cold_used = None;
+        }
     }
 
     /// Bytes appended but not yet handed to a write job.
@@ -1487,58 +1591,74 @@ pub async fn prepare_read<B: LogIo>(
     from: Offset,
     max_bytes: usize,
 ) -> Option<impl Future<Output = ()> + 'static> {
-    let pool = part.borrow().read_pool.clone();
+    let (pool, cold) = {
+        let p = part.borrow();
+        (p.read_pool.clone(), p.cold.clone())
+    };
     let Some(pool) = pool else {
         warm_for_read(part, from, max_bytes).await;
         return None;
     };
+    let mut waits = 0;
     loop {
-        let (plan, done) = {
+        let plan = {
             let mut p = part.borrow_mut();
             let start = p.read_start(from).map(|(seg, pos)| (seg.base, pos));
             if let Some((base, pos)) = start {
-                let cached = p.segments.iter().find(|s| s.base == base).is_some_and(|s| {
+                // Spans the read has moved past give their buffers back.
+                p.drop_cold_spans_before(base, pos);
+                let hot = p.segments.iter().find(|s| s.base == base).is_some_and(|s| {
                     s.cold_plan_at(pos, max_bytes).is_none() && s.cold_end(pos).is_none()
                 });
-                if !cached {
+                if !hot {
                     p.cold_reader = Some((base, pos, max_bytes));
+                    p.cold_used = Some(Instant::now());
                 }
             }
-            (p.cold_read_plan(from, max_bytes), p.cold_done.clone())
+            p.cold_read_plan(from, max_bytes)
         };
-        let Some(plan) = plan else { break };
-        if part.borrow().cold_read_in_flight(&plan) {
-            // The read-ahead is bringing it: wait, then look again.
-            let seen = done.get();
-            let _ = done.wait_for(seen + 1).await;
+        let plan = match plan {
+            ColdPlan::Ready => break,
+            ColdPlan::Map => {
+                warm_for_read(part, from, max_bytes).await;
+                return None;
+            }
+            ColdPlan::Read(plan) => plan,
+        };
+        if cold.in_flight((plan.base, plan.pos)) && waits < 4 {
+            // The read-ahead is bringing it: wait, then look again (a few times at
+            // most: a read that keeps nothing marks its position for the map).
+            waits += 1;
+            let seen = cold.done.get();
+            let _ = cold.done.wait_for(seen + 1).await;
             continue;
         }
-        let read = run_cold_read(part, &pool, plan).await;
-        if !read || part.borrow().cold_read_plan(from, max_bytes).is_some() {
-            // No buffer, or the span kept nothing (a failed read, or a first batch
-            // larger than a span): the map it is.
+        if run_cold_read(part, &pool, plan).await != Some(true) {
+            // No buffer, or the span kept nothing: the map it is.
             warm_for_read(part, from, max_bytes).await;
             return None;
         }
         break;
     }
     {
-        let mut p = part.borrow_mut();
-        if p.cold_ahead_running || p.cold_ahead_plan().is_none() {
+        let p = part.borrow();
+        if cold.ahead_running.get() || p.cold_ahead_plan().is_none() {
             return None;
         }
-        p.cold_ahead_running = true;
     }
+    cold.ahead_running.set(true);
     // Clears the flag however the task ends, even dropped before it ran.
     let running = ColdGuard {
-        part: part.clone(),
+        cold: cold.clone(),
         read: None,
     };
+    let part = part.clone();
     Some(async move {
+        let _running = running;
         loop {
-            let plan = running.part.borrow().cold_ahead_plan();
+            let plan = part.borrow().cold_ahead_plan();
             let Some(plan) = plan else { break };
-            if !run_cold_read(&running.part, &pool, plan).await {
+            if run_cold_read(&part, &pool, plan).await != Some(true) {
                 break;
             }
         }
@@ -1548,52 +1668,46 @@ pub async fn prepare_read<B: LogIo>(
 /// Undoes a cold read's bookkeeping if its future is dropped before it completes
 /// (the read is forgotten, and fetches waiting for it look again), and, without a
 /// read, marks the partition's read-ahead task ended.
-struct ColdGuard<B: LogIo> {
-    part: Rc<RefCell<Partition<B>>>,
-    read: Option<ColdRead>,
+struct ColdGuard {
+    cold: Rc<ColdState>,
+    read: Option<(Offset, u64)>,
 }
 
-impl<B: LogIo> Drop for ColdGuard<B> {
+impl Drop for ColdGuard {
     fn drop(&mut self) {
-        let Ok(mut p) = self.part.try_borrow_mut() else {
-            return;
-        };
         match self.read.take() {
-            Some(r) => {
-                if p.cold_read_in_flight(&r) {
-                    p.cold_reads.retain(|k| *k != (r.base, r.pos));
-                    p.cold_done.advance(p.cold_done.get() + 1);
+            Some(at) => {
+                if self.cold.in_flight(at) {
+                    self.cold.end_read(at);
                 }
             }
-            None => p.cold_ahead_running = false,
+            None => self.cold.ahead_running.set(false),
         }
     }
 }
 
-/// Runs one cold read and keeps its bytes; false when no read buffer is free.
+/// Runs one cold read and keeps its bytes: `None` when no read buffer is free,
+/// otherwise whether the read kept anything.
 async fn run_cold_read<B: LogIo>(
     part: &Rc<RefCell<Partition<B>>>,
     pool: &ReadPool,
     plan: ColdRead,
-) -> bool {
-    let Some(buf) = pool.take() else {
-        return false;
+) -> Option<bool> {
+    let buf = pool.take()?;
+    let (io, cold) = {
+        let p = part.borrow();
+        (p.io.clone(), p.cold.clone())
     };
-    let io = {
-        let mut p = part.borrow_mut();
-        p.cold_reads.push((plan.base, plan.pos));
-        p.io.clone()
-    };
+    cold.reads.borrow_mut().push((plan.base, plan.pos));
     let _pending = ColdGuard {
-        part: part.clone(),
-        read: Some(plan.clone()),
+        cold,
+        read: Some((plan.base, plan.pos)),
     };
     let r = plan.clone();
     let got = io
         .run_blocking(move || cold::read_span(&r.path, r.pos, r.len, buf))
         .await;
-    part.borrow_mut().complete_cold_read(&plan, got);
-    true
+    Some(part.borrow_mut().complete_cold_read(&plan, got))
 }
 
 /// Removes the files of the segments at `bases` (already dropped from their
@@ -1609,11 +1723,13 @@ fn remove_segments(dir: &Path, bases: &[Offset]) -> Result<(), StorageError> {
 }
 
 /// [`Partition::apply_retention`] on a shared partition, with the file removals and
-/// the directory sync (milliseconds for large segments) on a helper thread.
+/// the directory sync (milliseconds for large segments) on a helper thread. Idle
+/// cold spans give their buffers back here too ([`Partition::expire_cold_spans`]).
 pub async fn apply_retention_shared<B: LogIo>(
     part: &RefCell<Partition<B>>,
     now: TimestampMs,
 ) -> Result<RetentionReport, StorageError> {
+    part.borrow_mut().expire_cold_spans(Instant::now());
     let (report, gone) = part.borrow_mut().take_expired(now);
     if !gone.is_empty() {
         let (io, dir) = {

@@ -369,6 +369,8 @@ pub(crate) struct Segment<B: LogIo> {
 struct ColdSpan {
     pos: u64,
     bytes: Bytes,
+    /// The offset after its last batch.
+    next: Offset,
 }
 
 impl ColdSpan {
@@ -1192,9 +1194,10 @@ impl<B: LogIo> Segment<B> {
         )
     }
 
-    /// The end of the cold span that holds file position `pos`, if one does.
-    pub(crate) fn cold_end(&self, pos: u64) -> Option<u64> {
-        self.cold_at(pos).map(ColdSpan::end)
+    /// The end of the cold span that holds file position `pos`, if one does, and
+    /// the offset after its last batch.
+    pub(crate) fn cold_end(&self, pos: u64) -> Option<(u64, Offset)> {
+        self.cold_at(pos).map(|s| (s.end(), s.next))
     }
 
     /// The file span a cold read should bring into memory for reads from `pos` (a
@@ -1230,13 +1233,15 @@ impl<B: LogIo> Segment<B> {
     pub(crate) fn install_cold(&mut self, pos: u64, bytes: Bytes) -> bool {
         let written = self.written_len.saturating_sub(pos) as usize;
         let bytes = bytes.slice(..bytes.len().min(written));
-        let whole = crate::storage::cold::whole_batches(&bytes);
-        if whole == 0 || self.cold_at(pos).is_some() {
+        let (whole, next) = crate::storage::cold::whole_batches(&bytes);
+        let Some(next) = next else { return false };
+        if self.cold_at(pos).is_some() {
             return false;
         }
         self.cold.push_back(ColdSpan {
             pos,
             bytes: bytes.slice(..whole),
+            next: Offset(next),
         });
         true
     }
