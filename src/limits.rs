@@ -135,10 +135,10 @@ pub const TOPIC_PARTITIONS_MAX: u32 = 10_000;
 /// far below 4 GiB.
 pub const FETCH_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
-/// At most this much of a cold fetch is faulted in on the helper thread before the
-/// fetch runs (the rest, if any, faults on the shard). The helper is one thread per
-/// shard that also makes spares and removes files, so one cold read must not hold it
-/// for long: 8 MiB is about 8 ms of reading at this disk's speed.
+/// At most this much of a cold fetch is read from the disk (a cold span, or the map
+/// pages faulted in) on a helper thread before the fetch runs. The shard's two
+/// helpers also make spares and remove files, so one cold read must not hold one
+/// for long: 8 MiB is 4-8 ms of reading at this disk's speed.
 pub const COLD_WARM_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Cold spans (`storage::cold`) a partition keeps: the reader's, the read-ahead
