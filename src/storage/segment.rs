@@ -1224,6 +1224,10 @@ impl<B: LogIo> Segment<B> {
                 end = end.min(first);
             }
         }
+        // Up to the next span at most: spans never hold the same bytes twice.
+        if let Some(next) = self.cold.iter().map(|s| s.pos).filter(|&p| p > pos).min() {
+            end = end.min(next);
+        }
         Some((pos, (end - pos) as usize))
     }
 
