@@ -66,9 +66,6 @@ pub const FLUSH_JOB_CHUNKS_MAX: usize = 2;
 /// long and let the backlog grow again (see docs/ARCHITECTURE.md).
 pub const DURABLE_JOB_CHUNKS_MAX: usize = 4;
 
-/// Largest number of chunks written concurrently by one write job.
-pub const FLUSH_WRITES_IN_FLIGHT_MAX: usize = FLUSH_JOB_CHUNKS_MAX;
-
 /// Largest number of write jobs in flight per partition. With 1 MiB chunks this
 /// bounds a partition's queued write I/O at 8 MiB; the measured device needs a
 /// queue depth of about 4 to pass its single-stream O_DIRECT rate.

@@ -30,7 +30,7 @@ pub const READ_BUF_BYTES: usize =
 
 /// A shard's read buffers: at most `max` exist, each allocated on first need and
 /// kept for reuse (so its pages stay resident), shared by the shard's partitions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReadPool {
     inner: Arc<PoolInner>,
 }
@@ -84,14 +84,6 @@ impl ReadPool {
     /// Buffers allocated and not held by any span or response.
     pub fn free(&self) -> usize {
         self.inner.state.lock().expect("read pool lock").free.len()
-    }
-}
-
-impl Clone for ReadPool {
-    fn clone(&self) -> Self {
-        ReadPool {
-            inner: self.inner.clone(),
-        }
     }
 }
 

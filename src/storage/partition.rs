@@ -228,7 +228,8 @@ impl<B: LogIo> FlushJob<B> {
         self.durable
     }
 
-    /// Writes every chunk, up to `FLUSH_WRITES_IN_FLIGHT_MAX` at once. Writes may
+    /// Writes every chunk, all of them at once (a job holds at most
+    /// `job_chunks_max` chunks). Writes may
     /// land in any order (and jobs may overlap); the partition publishes only the
     /// prefix of jobs that completed, and recovery cuts any unpublished bytes that
     /// follow a hole.
@@ -247,11 +248,7 @@ impl<B: LogIo> FlushJob<B> {
                     Either::Right(io.write_at(file, c.buf, len, c.pos))
                 }
             }))
-            .buffer_unordered(if durable {
-                limits::DURABLE_JOB_CHUNKS_MAX
-            } else {
-                limits::FLUSH_WRITES_IN_FLIGHT_MAX
-            })
+            .buffer_unordered(job_chunks_max(durable))
             .try_for_each(|buf| {
                 self.returned.borrow_mut().extend(buf);
                 std::future::ready(Ok(()))
@@ -407,6 +404,16 @@ impl ColdState {
     fn end_read(&self, at: (Offset, u64)) {
         self.reads.borrow_mut().retain(|k| *k != at);
         self.done.advance(self.done.get() + 1);
+    }
+}
+
+/// Most chunks in one write job, all written at once: a durable job may take a
+/// backlog, a plain one keeps to small jobs that stream side by side.
+fn job_chunks_max(durable: bool) -> usize {
+    if durable {
+        limits::DURABLE_JOB_CHUNKS_MAX
+    } else {
+        limits::FLUSH_JOB_CHUNKS_MAX
     }
 }
 
@@ -860,6 +867,15 @@ impl<B: LogIo> Partition<B> {
         Some((seg, seg.read_start(from.max(seg.base))?))
     }
 
+    /// The segment whose first offset is `base`, if the partition still has it.
+    fn segment_at(&self, base: Offset) -> Option<&Segment<B>> {
+        self.segments.iter().find(|s| s.base == base)
+    }
+
+    fn segment_at_mut(&mut self, base: Offset) -> Option<&mut Segment<B>> {
+        self.segments.iter_mut().find(|s| s.base == base)
+    }
+
     /// The first segment with written batches at or after `from`; `None` when
     /// `from` is outside the readable range.
     fn first_read_segment(&self, from: Offset) -> Option<&Segment<B>> {
@@ -920,9 +936,7 @@ impl<B: LogIo> Partition<B> {
     fn complete_cold_read(&mut self, r: &ColdRead, got: std::io::Result<Bytes>) -> bool {
         let kept = match got {
             Ok(bytes) => self
-                .segments
-                .iter_mut()
-                .find(|s| s.base == r.base)
+                .segment_at_mut(r.base)
                 .is_some_and(|seg| seg.install_cold(r.pos, bytes)),
             Err(e) => {
                 tracing::warn!(path = %r.path.display(), pos = r.pos, error = %e, "cold read failed; reading through the map");
@@ -952,7 +966,7 @@ impl<B: LogIo> Partition<B> {
 
     fn drop_cold_span(&mut self, at: (Offset, u64)) {
         self.cold_spans.retain(|k| *k != at);
-        if let Some(seg) = self.segments.iter_mut().find(|s| s.base == at.0) {
+        if let Some(seg) = self.segment_at_mut(at.0) {
             seg.drop_cold(at.1);
         }
     }
@@ -968,9 +982,7 @@ impl<B: LogIo> Partition<B> {
                 b < base
                     || (b == base
                         && self
-                            .segments
-                            .iter()
-                            .find(|s| s.base == b)
+                            .segment_at(b)
                             .and_then(|s| s.cold_end(p))
                             .is_some_and(|(end, _)| end <= pos))
             })
@@ -1126,11 +1138,7 @@ impl<B: LogIo> Partition<B> {
         // Small jobs (a few chunks) complete, and acknowledge, one after another
         // while the next ones stream: one big job would hold every ack until its
         // slowest write finished and leave the disk idle while producers refill.
-        let mut budget = if durable_ok {
-            limits::DURABLE_JOB_CHUNKS_MAX
-        } else {
-            limits::FLUSH_JOB_CHUNKS_MAX
-        };
+        let mut budget = job_chunks_max(durable_ok);
         for seg in self.segments.iter_mut() {
             if budget == 0 {
                 break;
@@ -1211,9 +1219,7 @@ impl<B: LogIo> Partition<B> {
             let done = self.jobs.pop_front().expect("checked");
             for (base, end) in done.ends {
                 let seg = self
-                    .segments
-                    .iter_mut()
-                    .find(|s| s.base == base)
+                    .segment_at_mut(base)
                     .expect("a segment being flushed is never deleted");
                 if let Err(e) = seg.advance_written(end) {
                     let reason = e.to_string();
@@ -1234,9 +1240,7 @@ impl<B: LogIo> Partition<B> {
             // log is durable up to its end, which `written` now is.
             let seg = job.segments.first().expect("a job writes a segment");
             let synced = self
-                .segments
-                .iter()
-                .find(|s| s.base == seg.base)
+                .segment_at(seg.base)
                 .map(|s| (s.base, s.written_len, s.written_next))
                 .expect("a segment being flushed is never deleted");
             assert_eq!(synced.1, seg.upto_len, "durable job not the last written");
@@ -1309,7 +1313,7 @@ impl<B: LogIo> Partition<B> {
         upto: Offset,
     ) -> Result<(), StorageError> {
         for (base, len, next) in synced {
-            let Some(seg) = self.segments.iter_mut().find(|s| s.base == *base) else {
+            let Some(seg) = self.segment_at_mut(*base) else {
                 continue;
             };
             seg.synced_len = seg.synced_len.max(*len);
@@ -1607,10 +1611,7 @@ pub async fn prepare_read<B: LogIo>(
             if let Some((base, pos)) = start {
                 // Spans the read has moved past give their buffers back.
                 p.drop_cold_spans_before(base, pos);
-                let hot = p.segments.iter().find(|s| s.base == base).is_some_and(|s| {
-                    s.cold_plan_at(pos, max_bytes).is_none() && s.cold_end(pos).is_none()
-                });
-                if !hot {
+                if !p.segment_at(base).is_some_and(|s| s.cached_at(pos)) {
                     p.cold_reader = Some((base, pos, max_bytes));
                     p.cold_used = Some(Instant::now());
                 }

@@ -1144,10 +1144,7 @@ impl<B: LogIo> Segment<B> {
                 return (r, false);
             }
         }
-        let mut end = match self.cache.as_ref().and_then(SegmentCache::first_pos) {
-            Some(first) if first > pos => first.min(limit),
-            _ => limit,
-        };
+        let end = self.disk_run_end(pos, limit);
         if let Some(s) = self.cold_at(pos) {
             let stop = end.min(s.end());
             return (
@@ -1156,26 +1153,39 @@ impl<B: LogIo> Segment<B> {
                 true,
             );
         }
-        if let Some(next) = self.cold.iter().map(|s| s.pos).filter(|&p| p > pos).min() {
-            end = end.min(next);
-        }
         (self.map.slice(pos as usize..end as usize), true)
+    }
+
+    /// Where bytes read from the disk at `pos` (not cached) stop being the only
+    /// source: at `limit`, where the tail cache starts, or where the next cold span
+    /// starts, whichever comes first (each a batch boundary).
+    fn disk_run_end(&self, pos: u64, limit: u64) -> u64 {
+        let cache_first = self.cache.as_ref().and_then(SegmentCache::first_pos);
+        let next_span = self.cold.iter().map(|s| s.pos).filter(|&p| p > pos).min();
+        [cache_first, next_span]
+            .into_iter()
+            .flatten()
+            .filter(|&p| p > pos)
+            .fold(limit, u64::min)
+    }
+
+    /// Whether the tail cache holds file position `pos`.
+    pub(crate) fn cached_at(&self, pos: u64) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|c| c.region(pos, self.written_len).is_some())
     }
 
     /// Whether a read from `offset` would start in the map (neither cached nor in a
     /// cold span).
     pub(crate) fn would_read_map(&self, offset: Offset) -> bool {
         self.read_start(offset)
-            .is_some_and(|pos| self.map_holds_only(pos, self.written_len))
+            .is_some_and(|pos| self.map_holds_only(pos))
     }
 
     /// Whether the bytes at `pos` are neither cached nor in a cold span.
-    fn map_holds_only(&self, pos: u64, limit: u64) -> bool {
-        self.cold_at(pos).is_none()
-            && self
-                .cache
-                .as_ref()
-                .is_none_or(|c| c.region(pos, limit).is_none())
+    fn map_holds_only(&self, pos: u64) -> bool {
+        self.cold_at(pos).is_none() && !self.cached_at(pos)
     }
 
     fn cold_at(&self, pos: u64) -> Option<&ColdSpan> {
@@ -1207,27 +1217,15 @@ impl<B: LogIo> Segment<B> {
     /// nothing is written there.
     pub(crate) fn cold_plan_at(&self, pos: u64, max_bytes: usize) -> Option<(u64, usize)> {
         let limit = self.written_len;
-        if pos >= limit || self.cold_at(pos).is_some() {
+        if pos >= limit || !self.map_holds_only(pos) {
             return None;
-        }
-        if let Some(c) = &self.cache {
-            if c.region(pos, limit).is_some() {
-                return None;
-            }
         }
         let want = max_bytes
             .min(COLD_WARM_BYTES_MAX)
             .saturating_add(2 * INDEX_INTERVAL_BYTES as usize) as u64;
-        let mut end = limit.min(pos + want);
-        if let Some(first) = self.cache.as_ref().and_then(SegmentCache::first_pos) {
-            if first > pos {
-                end = end.min(first);
-            }
-        }
-        // Up to the next span at most: spans never hold the same bytes twice.
-        if let Some(next) = self.cold.iter().map(|s| s.pos).filter(|&p| p > pos).min() {
-            end = end.min(next);
-        }
+        // Never into the tail cache or the next span: spans never hold the same
+        // bytes twice.
+        let end = self.disk_run_end(pos, limit.min(pos + want));
         Some((pos, (end - pos) as usize))
     }
 
@@ -1430,7 +1428,7 @@ impl<B: LogIo> Segment<B> {
             if pos >= region_pos + region.len() as u64 {
                 // A read through cold spans stops where they stop rather than fault
                 // the map in on the shard: the next fetch reads on from there.
-                if self.cold_at(region_pos).is_some() && self.map_holds_only(pos, limit) {
+                if self.cold_at(region_pos).is_some() && self.map_holds_only(pos) {
                     break;
                 }
                 push(region.slice((pushed_to - region_pos) as usize..), from_map);
