@@ -168,7 +168,7 @@ pub const RETENTION_CHECK_MS: u64 = 10_000;
 pub const SPIN_BEFORE_PARK_US: u64 = 200;
 
 /// Period of each executor's heartbeat timer: the longest a shard can stay parked
-/// while it has runnable tasks (see `storage::uring::spawn_heartbeat`).
+/// while it has runnable tasks (see `storage::uring::with_heartbeat`).
 pub const EXECUTOR_HEARTBEAT_MS: u64 = 10;
 
 /// Allocation unit of the tail cache: appended batches are copied into blocks of this

@@ -240,26 +240,27 @@ impl Broker {
             });
             let ex = builder
                 .name(&format!("shard-{id}"))
-                .spawn(move || async move {
-                    crate::storage::uring::spawn_heartbeat();
-                    if let Some(cpus) = &io_cpus {
-                        if let Err(e) = crate::storage::uring::set_io_worker_cpus(cpus) {
-                            tracing::warn!(shard = id, ?cpus, error = %e,
+                .spawn(move || {
+                    crate::storage::uring::with_heartbeat(async move {
+                        if let Some(cpus) = &io_cpus {
+                            if let Err(e) = crate::storage::uring::set_io_worker_cpus(cpus) {
+                                tracing::warn!(shard = id, ?cpus, error = %e,
                                 "could not move io_uring workers off the shard's CPU");
+                            }
                         }
-                    }
-                    // A queue whose latency matters: wakes from other threads (replies
-                    // crossing shards) then kick a sleeping reactor at once instead of
-                    // waiting for its next poll (docs/ARCHITECTURE.md, "Waking across
-                    // shards").
-                    let tq = glommio::executor().create_task_queue(
-                        glommio::Shares::default(),
-                        glommio::Latency::Matters(std::time::Duration::from_millis(1)),
-                        "shard",
-                    );
-                    glommio::spawn_local_into(shard::run(id, shared, mesh, catalog, ready), tq)
-                        .map_err(|e| anyhow::anyhow!("spawn shard {id}: {e}"))?
-                        .await
+                        // A queue whose latency matters: wakes from other threads (replies
+                        // crossing shards) then kick a sleeping reactor at once instead of
+                        // waiting for its next poll (docs/ARCHITECTURE.md, "Waking across
+                        // shards").
+                        let tq = glommio::executor().create_task_queue(
+                            glommio::Shares::default(),
+                            glommio::Latency::Matters(std::time::Duration::from_millis(1)),
+                            "shard",
+                        );
+                        glommio::spawn_local_into(shard::run(id, shared, mesh, catalog, ready), tq)
+                            .map_err(|e| anyhow::anyhow!("spawn shard {id}: {e}"))?
+                            .await
+                    })
                 })
                 .map_err(|e| anyhow::anyhow!("start shard {id}: {e}"))?;
             executors.push(ex);

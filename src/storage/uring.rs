@@ -45,26 +45,40 @@ pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutor
         .spin_before_park(Duration::from_micros(limits::SPIN_BEFORE_PARK_US))
 }
 
-/// Keeps a timer pending on the current executor for as long as it runs.
+/// Runs `fut` as an executor's main future with a timer always pending beside it.
 ///
 /// glommio 0.9 can park an executor that still has runnable tasks: its scheduler
 /// loop (`run_task_queues`) returns "nothing ran" both when the queues are empty and
-/// when the preempt timer has already fired before the first queue ran, and the
-/// caller parks on either. The parked reactor then sleeps in `io_uring_enter` until
-/// some I/O completes or a timer expires; at start-up (the shard mesh join) neither
-/// is coming, and a broker hung there for good under CI load (both shards parked,
-/// `Broker::start` waiting for them). The preempt timer of a `Latency::Matters(1 ms)`
-/// queue makes the race likely whenever the thread is descheduled for a millisecond.
-/// A pending timer bounds every such sleep, so the stall lasts at most one period.
-/// Spawn this before anything else on the executor.
-pub fn spawn_heartbeat() {
+/// when the latency ring already holds a completion before the first queue ran (the
+/// preempt timer of a `Latency::Matters(1 ms)` queue that fired while the thread was
+/// descheduled, or a wake from another executor), and the caller parks on either.
+/// The parked reactor then sleeps in `io_uring_enter` until some I/O completes or a
+/// timer expires; at start-up (the shard mesh join) neither is coming, and a broker
+/// hung there for good under CI load (both shards parked, `Broker::start` waiting
+/// for them). A pending timer bounds every such sleep, so the stall lasts at most one
+/// period.
+///
+/// The timer is polled here, inside the main future, before `fut` is first polled:
+/// a heartbeat spawned as a task of its own is only armed once the scheduler gets to
+/// it, and an executor that parked before then had nothing to wake it (one start in
+/// about 9,000 hung that way here with both cores loaded, and one in CI). What is
+/// left is a park before the main future's very first poll, which needs the thread to
+/// be descheduled for a whole default preempt period (100 ms) between two statements
+/// of glommio's loop, with nothing spawned yet that could have woken it.
+pub async fn with_heartbeat<F: Future>(fut: F) -> F::Output {
     let period = Duration::from_millis(limits::EXECUTOR_HEARTBEAT_MS);
-    glommio::spawn_local(async move {
+    let mut beat = std::pin::pin!(async move {
         loop {
             glommio::timer::sleep(period).await;
         }
+    });
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        // The heartbeat never ends; polling it first arms (or re-arms) its timer.
+        let _ = beat.as_mut().poll(cx);
+        fut.as_mut().poll(cx)
     })
-    .detach();
+    .await
 }
 
 /// io_uring writes and fdatasync through glommio. Must be created and used on a
