@@ -116,6 +116,14 @@ struct Args {
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write every acknowledged batch to this file as CSV (`ack_ms,ack_unix_ms,
+    /// oldest_us,records`: when its acknowledgement came, in ms since the load
+    /// generator started and since the Unix epoch; the acknowledgement latency of its
+    /// oldest message; its records), warm-up included,
+    /// to see when slow acknowledgements happen and line them up with what the machine
+    /// did meanwhile.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     /// No progress line.
     #[arg(long)]
     quiet: bool,
@@ -156,6 +164,8 @@ struct Run {
     /// Per partition: the offset after the last acknowledged record.
     ends: Mutex<Vec<u64>>,
     producers_done: AtomicBool,
+    /// With --timeline: (ack time, oldest message's latency, records) per batch.
+    timeline: Option<Mutex<Vec<(u64, u64, u32)>>>,
 }
 
 impl Run {
@@ -287,6 +297,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         consume_start_ns: AtomicU64::new(warmup_end_ns),
         ends: Mutex::new(starts.clone()),
         producers_done: AtomicBool::new(false),
+        timeline: args.timeline.as_ref().map(|_| Mutex::new(Vec::new())),
     });
     let progress = spawn_progress(run.clone());
 
@@ -364,6 +375,22 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
             .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let (Some(path), Some(tl)) = (&args.timeline, &run.timeline) {
+        let mut rows = std::mem::take(&mut *tl.lock().expect("lock"));
+        rows.sort_unstable();
+        // The wall clock at the load generator's start, to line rows up with samples
+        // taken outside it.
+        let start_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            .saturating_sub(now_ns());
+        let mut out = String::from("ack_ms,ack_unix_ms,oldest_us,records\n");
+        for (t, oldest, n) in rows {
+            let (ms, unix_ms) = (t as f64 / 1e6, (start_unix_ns + t) as f64 / 1e6);
+            out += &format!("{ms:.3},{unix_ms:.3},{},{n}\n", oldest / 1000);
+        }
+        std::fs::write(path, out).with_context(|| format!("write {}", path.display()))?;
     }
     if created && !args.keep_topic {
         if let Err(e) = admin.delete_topic(&topic) {
@@ -627,6 +654,10 @@ fn collect_acks(run: &Run, rx: &mpsc::Receiver<InFlight>) -> Histogram<u64> {
                     *e = (*e).max(base_offsets[0].0 + n);
                 }
                 run.acked.fetch_add(n, Ordering::Relaxed);
+                if let (Some(tl), Some(&first)) = (&run.timeline, f.send_ns.first()) {
+                    let oldest = t.saturating_sub(first);
+                    tl.lock().expect("lock").push((t, oldest, n as u32));
+                }
                 if t >= run.warmup_end_ns {
                     run.acked_window.fetch_add(n, Ordering::Relaxed);
                     run.last_ack_ns.fetch_max(t, Ordering::Relaxed);

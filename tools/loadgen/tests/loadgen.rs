@@ -113,6 +113,61 @@ fn fixed_rate_run_holds_the_rate_and_measures_from_intended_times() {
 }
 
 #[test]
+fn timeline_lists_every_acknowledged_batch_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("timeline.csv");
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let (out, v) = loadgen(&[
+        "--rate",
+        "20000",
+        "--messages",
+        "20000",
+        "--batch-size",
+        "100",
+        "--linger-us",
+        "1000",
+        "--message-size",
+        "128",
+        "--durability",
+        "memory",
+        "--timeline",
+        path.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let v = v.expect("json written");
+    let text = std::fs::read_to_string(&path).expect("timeline written");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("ack_ms,ack_unix_ms,oldest_us,records"));
+    let (mut records, mut last_ms, mut rows) = (0u64, 0.0f64, 0);
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 4, "{line}");
+        let ack_ms: f64 = f[0].parse().unwrap();
+        let unix_ms: f64 = f[1].parse().unwrap();
+        let oldest_us: u64 = f[2].parse().unwrap();
+        let n: u64 = f[3].parse().unwrap();
+        assert!(ack_ms >= last_ms, "rows out of order: {line}");
+        assert!(
+            unix_ms >= before_ms - 1000.0,
+            "wall clock {unix_ms} before the run"
+        );
+        assert!((1..=100).contains(&n), "{line}");
+        // A batch's oldest message waited at least for the ack's round trip, and far
+        // less than the whole run.
+        assert!(oldest_us < 10_000_000, "{line}");
+        last_ms = ack_ms;
+        records += n;
+        rows += 1;
+    }
+    assert_eq!(records, 20_000, "every acknowledged message is in a row");
+    assert_eq!(v["consumed_msgs"].as_u64(), Some(20_000));
+    assert!(rows >= 200, "{rows} batches of at most 100 records");
+}
+
+#[test]
 fn catch_up_consumer_reads_the_backlog_after_the_producers() {
     let (out, v) = loadgen(&["--messages", "5000", "--catch-up", "--message-size", "512"]);
     ok(&out);
