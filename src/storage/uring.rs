@@ -45,7 +45,7 @@ pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutor
         .spin_before_park(Duration::from_micros(limits::SPIN_BEFORE_PARK_US))
 }
 
-/// Runs `fut` as an executor's main future with a timer always pending beside it.
+/// Runs `fut` as an executor's main future with timers pending beside it.
 ///
 /// glommio 0.9 can park an executor that still has runnable tasks: its scheduler
 /// loop (`run_task_queues`) returns "nothing ran" both when the queues are empty and
@@ -55,16 +55,22 @@ pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutor
 /// The parked reactor then sleeps in `io_uring_enter` until some I/O completes or a
 /// timer expires; at start-up (the shard mesh join) neither is coming, and a broker
 /// hung there for good under CI load (both shards parked, `Broker::start` waiting
-/// for them). A pending timer bounds every such sleep, so the stall lasts at most one
-/// period.
+/// for them). A pending timer bounds such a sleep.
 ///
-/// The timer is polled here, inside the main future, before `fut` is first polled:
-/// a heartbeat spawned as a task of its own is only armed once the scheduler gets to
-/// it, and an executor that parked before then had nothing to wake it (one start in
-/// about 9,000 hung that way here with both cores loaded, and one in CI). What is
-/// left is a park before the main future's very first poll, which needs the thread to
-/// be descheduled for a whole default preempt period (100 ms) between two statements
-/// of glommio's loop, with nothing spawned yet that could have woken it.
+/// - The heartbeat, a timer every `EXECUTOR_HEARTBEAT_MS`, is polled here, inside
+///   the main future, before `fut` is first polled. As a task of its own it was
+///   armed only once the scheduler got to it, and an executor that parked before
+///   then had nothing to wake it (one start in about 9,000 hung that way here with
+///   both cores loaded, and one in CI).
+/// - A fired timer leaves the reactor, so between the heartbeat firing and the main
+///   task's next poll nothing would be pending. A second timer, set two periods
+///   ahead on every poll (so it does not fire while the heartbeat runs), covers that
+///   gap: a park for good now takes the race twice in a row.
+///
+/// What is left: a park before the main future's very first poll, which needs the
+/// thread to be descheduled for a whole default preempt period (100 ms) between two
+/// statements of glommio's loop, with nothing spawned yet that could have woken it;
+/// or the race once when the heartbeat fires and again when the spare one does.
 pub async fn with_heartbeat<F: Future>(fut: F) -> F::Output {
     let period = Duration::from_millis(limits::EXECUTOR_HEARTBEAT_MS);
     let mut beat = std::pin::pin!(async move {
@@ -72,10 +78,15 @@ pub async fn with_heartbeat<F: Future>(fut: F) -> F::Output {
             glommio::timer::sleep(period).await;
         }
     });
+    let mut spare: Option<glommio::timer::Timer> = None;
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
-        // The heartbeat never ends; polling it first arms (or re-arms) its timer.
+        // The heartbeat never ends; polling it arms (or re-arms) its timer.
         let _ = beat.as_mut().poll(cx);
+        // Arm the new spare before dropping (and so deregistering) the old one.
+        let mut next = glommio::timer::Timer::new(2 * period);
+        let _ = std::pin::Pin::new(&mut next).poll(cx);
+        spare = Some(next);
         fut.as_mut().poll(cx)
     })
     .await
