@@ -245,7 +245,7 @@ impl Broker {
                         if let Some(cpus) = &io_cpus {
                             if let Err(e) = crate::storage::uring::set_io_worker_cpus(cpus) {
                                 tracing::warn!(shard = id, ?cpus, error = %e,
-                                "could not move io_uring workers off the shard's CPU");
+                                    "could not move io_uring workers off the shard's CPU");
                             }
                         }
                         // A queue whose latency matters: wakes from other threads (replies

@@ -119,9 +119,8 @@ struct Args {
     /// Write every acknowledged batch to this file as CSV (`ack_ms,ack_unix_ms,
     /// oldest_us,records`: when its acknowledgement came, in ms since the load
     /// generator started and since the Unix epoch; the acknowledgement latency of its
-    /// oldest message; its records), warm-up included,
-    /// to see when slow acknowledgements happen and line them up with what the machine
-    /// did meanwhile.
+    /// oldest message; its records), warm-up included, to see when slow
+    /// acknowledgements happen and line them up with what the machine did meanwhile.
     #[arg(long)]
     timeline: Option<PathBuf>,
     /// No progress line.
