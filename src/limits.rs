@@ -167,6 +167,12 @@ pub const RETENTION_CHECK_MS: u64 = 10_000;
 /// docs/ARCHITECTURE.md, "Waking across shards").
 pub const SPIN_BEFORE_PARK_US: u64 = 200;
 
+/// Preempt period of a shard executor's default task queue, which runs only its main
+/// future (the shard's work has a queue of its own, with a 1 ms budget). glommio's
+/// default, 100 ms, left a window in which a start could hang for good (see
+/// `storage::uring::with_heartbeat`).
+pub const DEFAULT_QUEUE_PREEMPT_S: u64 = 10;
+
 /// Period of each executor's heartbeat timer: the longest a shard can stay parked
 /// while it has runnable tasks (see `storage::uring::with_heartbeat`).
 pub const EXECUTOR_HEARTBEAT_MS: u64 = 10;

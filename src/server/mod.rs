@@ -221,7 +221,14 @@ impl Broker {
                 Some(cpu) => glommio::Placement::Fixed(cpu),
                 None => glommio::Placement::Unbound,
             };
-            let mut builder = crate::storage::uring::executor_builder(placement);
+            // The default queue's preempt period, the only one before the shard's own
+            // queue (1 ms) exists: a long one closes the last window of the park that
+            // `with_heartbeat` guards against (the thread descheduled for a whole
+            // period before the main future's first poll). Only the main future runs
+            // in the default queue, so nothing else preempts on it.
+            let mut builder = crate::storage::uring::executor_builder(placement).preempt_timer(
+                std::time::Duration::from_secs(limits::DEFAULT_QUEUE_PREEMPT_S),
+            );
             // The shard's two helper threads (segment creation, file deletion, cold
             // reads) run beside its io_uring workers, off the shard's CPU where one is
             // known to be free of it (anywhere otherwise). Two, so a

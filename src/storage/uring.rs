@@ -68,8 +68,9 @@ pub fn executor_builder(placement: glommio::Placement) -> glommio::LocalExecutor
 ///   gap: a park for good now takes the race twice in a row.
 ///
 /// What is left: a park before the main future's very first poll, which needs the
-/// thread to be descheduled for a whole default preempt period (100 ms) between two
-/// statements of glommio's loop, with nothing spawned yet that could have woken it;
+/// thread to be descheduled for a whole default preempt period between two
+/// statements of glommio's loop, with nothing spawned yet that could have woken it
+/// (the broker sets that period to `DEFAULT_QUEUE_PREEMPT_S`, not glommio's 100 ms);
 /// or the race once when the heartbeat fires and again when the spare one does.
 pub async fn with_heartbeat<F: Future>(fut: F) -> F::Output {
     let period = Duration::from_millis(limits::EXECUTOR_HEARTBEAT_MS);
