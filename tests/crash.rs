@@ -139,13 +139,7 @@ fn flipped_bytes_in_the_tail_cut_the_log_there() {
     let bytes = std::fs::read(log_path(src.path(), Offset(0))).unwrap();
     let mut starts = Vec::new();
     let s = scan(&bytes, 0, Some(Offset(0)), |b| starts.push(b.position));
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     // The last four batches form the tail.
     let tail_start = starts[starts.len() - 4];
     for _ in 0..150 {

@@ -320,13 +320,7 @@ fn scattered_cold_reads_return_the_right_batches() {
     let expected: std::collections::HashMap<Offset, Vec<u8>> =
         log.expected.iter().cloned().collect();
     let (q, pool) = log.reopen(3);
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     for _ in 0..300 {
         let from = Offset(next() % end.0);
         let max_bytes = 1 + (next() % (200 * 1024)) as usize;

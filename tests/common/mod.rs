@@ -91,3 +91,14 @@ pub fn batches<B: LogIo>(p: &Partition<B>) -> Vec<(Offset, Vec<u8>)> {
         cur = b.last_offset().plus(1);
     }
 }
+
+/// A xorshift64 generator: reproducible pseudo-random numbers for tests, from `seed`
+/// (non-zero).
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

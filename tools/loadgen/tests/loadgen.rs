@@ -112,14 +112,19 @@ fn fixed_rate_run_holds_the_rate_and_measures_from_intended_times() {
     );
 }
 
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64
+}
+
 #[test]
 fn timeline_lists_every_acknowledged_batch_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("timeline.csv");
-    let before_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64;
+    let before_ms = unix_ms();
     let (out, v) = loadgen(&[
         "--rate",
         "20000",
@@ -137,10 +142,7 @@ fn timeline_lists_every_acknowledged_batch_in_order() {
         path.to_str().unwrap(),
     ]);
     ok(&out);
-    let after_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64;
+    let after_ms = unix_ms();
     let v = v.expect("json written");
     let text = std::fs::read_to_string(&path).expect("timeline written");
     let mut lines = text.lines();
