@@ -946,3 +946,46 @@ fn a_client_that_stops_reading_is_closed_and_the_others_are_served() {
     );
     b.stop();
 }
+
+#[test]
+fn large_fetch_responses_arrive_whole_and_in_order() {
+    // The connection writes a response in slices and may yield to the shard's other
+    // tasks between them: responses of 1 MB and more, their sizes no multiple of a
+    // slice, while a second client produces on the same shard, must still arrive
+    // byte for byte.
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start_with_config(dir.path(), "placement = \"unpinned\"\n", &["--cores", "1"]);
+    let c = b.conn();
+    c.create_topic("big", topic(2)).unwrap();
+    for i in 0..6 {
+        let r = c.call(&produce_request("big", 0, &format!("b{i}"), 97, 10_301));
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    let addr = b.addr.clone();
+    let busy = std::thread::spawn(move || {
+        let c = Connection::connect(addr.as_str()).unwrap();
+        for i in 0..20 {
+            let r = c.call(&produce_request("big", 1, &format!("o{i}"), 100, 10_000));
+            assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+        }
+    });
+    for _ in 0..3 {
+        let mut recs = Vec::new();
+        while recs.len() < 6 * 97 {
+            let from = Offset(recs.len() as u64);
+            let f = c.fetch("big", 0, from, 8 << 20, Duration::ZERO).unwrap();
+            // A whole batch at least: four slices, the last one partial.
+            assert!(f.records.len() > 1_000_000, "{} bytes", f.records.len());
+            recs.extend(f.records(0, from).unwrap());
+        }
+        assert_eq!(recs.len(), 6 * 97);
+        for (n, r) in recs.iter().enumerate() {
+            assert_eq!(r.offset, Offset(n as u64));
+            let mut want = format!("b{}-{}", n / 97, n % 97).into_bytes();
+            want.resize(10_301, b'.');
+            assert_eq!(r.value.as_deref(), Some(&want[..]), "record {n}");
+        }
+    }
+    busy.join().unwrap();
+    b.stop();
+}

@@ -185,6 +185,10 @@ struct LargeFrame {
 /// Bytes read from the socket at a time when no larger frame is pending.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Largest piece of a response written before the connection checks whether the
+/// shard's time slice is used up.
+const WRITE_SLICE_BYTES: usize = 256 * 1024;
+
 type Outgoing = (Vec<u8>, Vec<Bytes>);
 
 /// Turns on TCP keepalive with the probe timing in `limits`.
@@ -222,7 +226,14 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             let sent = async {
                 wr.write_all(&head).await?;
                 for b in &tail {
-                    wr.write_all(b).await?;
+                    // A socket with room takes a write at once, so a fetch of many
+                    // MB would hold the shard for milliseconds: go in slices, and
+                    // let the shard's other work (write completions, acks) run
+                    // once its time slice is used up.
+                    for slice in b.chunks(WRITE_SLICE_BYTES) {
+                        wr.write_all(slice).await?;
+                        glommio::yield_if_needed().await;
+                    }
                 }
                 wr.flush().await
             };
@@ -257,6 +268,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 if !dispatch(shard, &tx, &permits, frame, Some(l.memory)).await {
                     break 'conn;
                 }
+                glommio::yield_if_needed().await;
                 continue;
             }
             let len = match protocol::declared_len(&buf[..filled], cfg.max_frame_bytes) {
@@ -301,6 +313,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             if !dispatch(shard, &tx, &permits, frame, None).await {
                 break 'conn;
             }
+            glommio::yield_if_needed().await;
         }
         // Holding request memory, the frame must be complete by its deadline.
         let limit = large
@@ -335,6 +348,10 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             None
         });
         let read = futures_lite::future::or(read, gone).await;
+        // A socket with data reads at once: without this, a client streaming
+        // large frames keeps the shard in this loop, and the reactor does not reap
+        // write completions or submit the next writes meanwhile.
+        glommio::yield_if_needed().await;
         match read {
             Some(Ok(n)) if n > 0 => filled += n,
             _ => break,
