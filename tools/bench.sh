@@ -6,7 +6,8 @@
 #   tools/bench.sh [SCRATCH_DIR]      (default: target/bench; needs root for apt-get)
 #
 # Environment: DURATION (default 10s) and WARMUP (2s) per timed scenario;
-# BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario.
+# BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario; SETTLE_S (30) of
+# idle before e and before e's floor.
 #
 # Ceilings, measured first:
 #   - disk: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1);
@@ -23,7 +24,10 @@
 #   d  1 consumer catching up on a backlog of BACKLOG_MSGS written just before
 #   d-cold  the same after a broker restart with the segments out of the page cache
 #      (read from the disk; no target, no peer figure)
-#   e  fixed rate at 50% of a's throughput, fsync, 1 live consumer: latency percentiles
+#   e  fixed rate at 50% of a's throughput, fsync, 1 live consumer: latency
+#      percentiles, after SETTLE_S of idle: right after d-cold (2 GB written, then
+#      read back), e's p99 was 4-7x what it was 30 s later (docs/PERFORMANCE.md),
+#      and the fsync ceiling it is held to was measured on a device at rest
 #   f  100 B messages in batches of 100, fsync
 # Peer: redis-server from Debian, Redis Streams (XADD / XRANGE) driven by
 # redis-benchmark with pipelines the size of ringbus's batches; appendfsync always
@@ -36,6 +40,7 @@ out=$(cd "$out" && pwd)
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 BACKLOG_MSGS=${BACKLOG_MSGS:-2000000}
+SETTLE_S=${SETTLE_S:-30}
 
 need=()
 command -v fio >/dev/null || need+=(fio)
@@ -97,6 +102,8 @@ run c --broker-cores 2 --producers 4 --partitions 4 --consumers 0 --batch-size 1
 run d --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up
 run d-cold --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --durability memory --messages "$BACKLOG_MSGS" --catch-up --cold
 half=$(python3 -c "import json; print(int(json.load(open('$out/ringbus-a.json'))['produce_msgs_per_s'] / 2))")
+echo "== settling for ${SETTLE_S} s before e (the fsync ceiling was measured at rest)"
+sleep "$SETTLE_S"
 run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 500 --durability fsync --rate "$half" --duration "$DURATION" --warmup "$WARMUP"
 
 # e's floor on this disk: what the device alone, driven open loop at e's rate, gives a
@@ -106,7 +113,8 @@ run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 5
 # latency runs from its intended send time to the end of that fdatasync, as the load
 # generator measures e (so a slow write delays every message due meanwhile, and not
 # just one sample). A message's acknowledgement cannot beat it.
-echo "== e floor: the device alone at e's rate, open loop, ideal group commit, 10 s"
+echo "== settling for ${SETTLE_S} s, then e floor: the device alone at e's rate, open loop, ideal group commit, 10 s"
+sleep "$SETTLE_S"
 read -r floor_p50 floor_p99 cycle_p50 cycle_p99 < <(python3 - "$out/floor" "$half" <<'PY'
 import mmap, os, sys, time
 path, rate = sys.argv[1], float(sys.argv[2])
