@@ -950,15 +950,18 @@ fn a_client_that_stops_reading_is_closed_and_the_others_are_served() {
 #[test]
 fn large_fetch_responses_arrive_whole_and_in_order() {
     // The connection writes a response in slices and may yield to the shard's other
-    // tasks between them: responses of 1 MB and more, their sizes no multiple of a
-    // slice, while a second client produces on the same shard, must still arrive
-    // byte for byte.
+    // tasks between them. Six fetches sent at once on one connection, each answered
+    // with a batch of about 1 MB (no multiple of a slice), while a second client
+    // produces on the same shard, must come back whole, unmixed and in order. (This
+    // guards the slicing; whether a yield happened is not observable here.)
+    const RECORDS: usize = 97;
+    const VALUE: usize = 10_301;
     let dir = tempfile::tempdir().unwrap();
     let b = Broker::start_with_config(dir.path(), "placement = \"unpinned\"\n", &["--cores", "1"]);
     let c = b.conn();
     c.create_topic("big", topic(2)).unwrap();
     for i in 0..6 {
-        let r = c.call(&produce_request("big", 0, &format!("b{i}"), 97, 10_301));
+        let r = c.call(&produce_request("big", 0, &format!("b{i}"), RECORDS, VALUE));
         assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
     }
     let addr = b.addr.clone();
@@ -970,20 +973,46 @@ fn large_fetch_responses_arrive_whole_and_in_order() {
         }
     });
     for _ in 0..3 {
-        let mut recs = Vec::new();
-        while recs.len() < 6 * 97 {
-            let from = Offset(recs.len() as u64);
-            let f = c.fetch("big", 0, from, 8 << 20, Duration::ZERO).unwrap();
-            // A whole batch at least: four slices, the last one partial.
-            assert!(f.records.len() > 1_000_000, "{} bytes", f.records.len());
-            recs.extend(f.records(0, from).unwrap());
-        }
-        assert_eq!(recs.len(), 6 * 97);
-        for (n, r) in recs.iter().enumerate() {
-            assert_eq!(r.offset, Offset(n as u64));
-            let mut want = format!("b{}-{}", n / 97, n % 97).into_bytes();
-            want.resize(10_301, b'.');
-            assert_eq!(r.value.as_deref(), Some(&want[..]), "record {n}");
+        let pending: Vec<_> = (0..6)
+            .map(|i| {
+                let fetch = Request::Fetch {
+                    topic: "big".into(),
+                    partition: 0,
+                    offset: Offset((i * RECORDS) as u64),
+                    max_bytes: 8 << 20,
+                    max_wait_ms: 0,
+                };
+                (i, c.send(&fetch).unwrap())
+            })
+            .collect();
+        for (i, p) in pending {
+            // A response cut short would leave the client waiting: fail instead.
+            let r = p.wait_timeout(Duration::from_secs(30));
+            let Ok(Response::Fetch { records, .. }) = r else {
+                panic!("fetch {i}: {r:?}");
+            };
+            let bytes = records.into_iter().next().unwrap_or_default();
+            // At least batch i whole: more than three slices of 256 KiB.
+            assert!(
+                bytes.len() > RECORDS * VALUE,
+                "fetch {i}: {} bytes",
+                bytes.len()
+            );
+            let got = ringbus::client::FetchResult {
+                high_watermark: Offset(0),
+                log_start: Offset(0),
+                next_offset: Offset(0),
+                records: bytes,
+            };
+            let recs = got.records(0, Offset((i * RECORDS) as u64)).unwrap();
+            assert!(recs.len() >= RECORDS, "fetch {i}: {} records", recs.len());
+            for (k, r) in recs.iter().enumerate() {
+                let n = i * RECORDS + k;
+                assert_eq!(r.offset, Offset(n as u64), "fetch {i}");
+                let mut want = format!("b{}-{}", n / RECORDS, n % RECORDS).into_bytes();
+                want.resize(VALUE, b'.');
+                assert_eq!(r.value.as_deref(), Some(&want[..]), "fetch {i}, record {n}");
+            }
         }
     }
     busy.join().unwrap();

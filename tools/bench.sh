@@ -6,17 +6,18 @@
 #   tools/bench.sh [SCRATCH_DIR]      (default: target/bench; needs root for apt-get)
 #
 # Environment: DURATION (default 10s) and WARMUP (2s) per timed scenario;
-# BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario; SETTLE_S (30) of
-# idle before e and before e's floor.
+# BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario; SETTLE_S (30, in
+# seconds) of idle before e and before e's floor.
 #
 # Ceilings, measured first:
 #   - disk: dd O_DIRECT sequential write, 2 GiB in 1 MiB blocks (queue depth 1);
 #   - disk best: fio, 1 MiB O_DIRECT writes through io_uring, 4 jobs x queue depth 32;
 #   - fsync latency: fio, 1 MiB O_DIRECT writes each followed by fdatasync (p50/p99);
 #   - loopback TCP: iperf3, one stream, 5 s;
-#   - e's floor (after a): the device alone at e's rate, open loop, with an ideal
-#     group commit: each message's latency from its intended send time to durable,
-#     as the load generator measures e (no broker, network or load generator).
+#   - and, after e and SETTLE_S of idle, e's floor: the device alone at e's rate,
+#     open loop, with an ideal group commit: each message's latency from its
+#     intended send time to durable, as the load generator measures e (no broker,
+#     network or load generator).
 # Scenarios (1 KB messages unless noted; embedded broker with its default placement):
 #   a  1 producer, 1 partition, batches of 1,000, fsync
 #   b  the same with memory durability
@@ -26,7 +27,7 @@
 #      (read from the disk; no target, no peer figure)
 #   e  fixed rate at 50% of a's throughput, fsync, 1 live consumer: latency
 #      percentiles, after SETTLE_S of idle: right after d-cold (2 GB written, then
-#      read back), e's p99 was 4-7x what it was 30 s later (docs/PERFORMANCE.md),
+#      read back), e's p99 was 4-7x what it was 20-30 s later (docs/PERFORMANCE.md),
 #      and the fsync ceiling it is held to was measured on a device at rest
 #   f  100 B messages in batches of 100, fsync
 # Peer: redis-server from Debian, Redis Streams (XADD / XRANGE) driven by
