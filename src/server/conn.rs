@@ -271,7 +271,6 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
                 if !dispatch(shard, &tx, &permits, frame, Some(l.memory)).await {
                     break 'conn;
                 }
-                glommio::yield_if_needed().await;
                 continue;
             }
             let len = match protocol::declared_len(&buf[..filled], cfg.max_frame_bytes) {
@@ -316,6 +315,8 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream) {
             if !dispatch(shard, &tx, &permits, frame, None).await {
                 break 'conn;
             }
+            // One read chunk can hold many small frames. (After a large frame the
+            // buffer is empty, and the next read is followed by a yield anyway.)
             glommio::yield_if_needed().await;
         }
         // Holding request memory, the frame must be complete by its deadline.
