@@ -1415,3 +1415,61 @@ fn a_durable_job_trims_the_segment_sealed_while_it_ran() {
     let (p, _) = open(dir.path(), small_config());
     assert_eq!(read_all(&p, Offset(0)).len(), 4);
 }
+
+#[test]
+fn timestamp_lookup_finds_the_first_later_batch_inside_one_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    // 40 one-record batches a second apart, in one 64 KiB segment, so the lookup
+    // starts from a time-index entry and stops partway through the segment.
+    for t in 0..40i64 {
+        append(&mut p, &batch("k", 1, 200, 1_000 + t * 1_000));
+    }
+    p.flush_blocking().unwrap();
+    assert_eq!(p.segment_count(), 1);
+    for (ts, want) in [
+        (0, Some(0)),
+        (1_000, Some(0)),
+        (1_001, Some(1)),
+        (20_500, Some(20)),
+        (40_000, Some(39)),
+        (40_001, None),
+    ] {
+        assert_eq!(
+            p.offset_for_timestamp(TimestampMs(ts)).unwrap(),
+            want.map(Offset),
+            "lookup of {ts}"
+        );
+    }
+}
+
+#[test]
+fn a_scan_told_to_stop_ends_right_after_that_batch() {
+    use ringbus::storage::segment::{log_path, scan, scan_while, ScanStop};
+    use std::ops::ControlFlow;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for t in 0..12i64 {
+        append(&mut p, &batch("s", 2, 150, t));
+    }
+    p.flush_blocking().unwrap();
+    let log = std::fs::read(log_path(dir.path(), Offset(0))).unwrap();
+    let mut ends = Vec::new();
+    let whole = scan(&log, 0, None, |b| ends.push(b.position + u64::from(b.len)));
+    assert_eq!((ends.len(), whole.stop), (12, ScanStop::Zeros));
+    let mut calls = 0;
+    let part = scan_while(&log, 0, None, |b| {
+        calls += 1;
+        if b.base_offset == Offset(8) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    // Two records per batch: offset 8 starts the fifth, and nothing after it is read.
+    assert_eq!(calls, 5);
+    assert_eq!(
+        (part.batches, part.stop, part.end, part.next_offset),
+        (5, ScanStop::Stopped, ends[4], Some(Offset(10)))
+    );
+}

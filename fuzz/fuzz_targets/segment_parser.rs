@@ -6,9 +6,10 @@
 use libfuzzer_sys::fuzz_target;
 use ringbus::batch::BatchRef;
 use ringbus::storage::io::{DirectIo, StdIo};
-use ringbus::storage::segment::{index_path, log_path, scan};
+use ringbus::storage::segment::{index_path, log_path, scan, scan_while};
 use ringbus::storage::{index, Partition, PartitionConfig, RecoveryPolicy};
 use ringbus::{Offset, TimestampMs};
+use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 fn workdir() -> &'static std::path::Path {
@@ -29,6 +30,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = scan(data, 0, None, |_| {});
     let _ = scan(data, 0, Some(Offset(0)), |_| {});
+    // A timestamp lookup's early stop: at the first batch not older than time 0.
+    let _ = scan_while(data, 0, None, |b| {
+        if b.max_timestamp >= TimestampMs(0) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
     let _ = index::decode_index(data, data.len() as u64);
     let _ = index::decode_time_index(data, u32::MAX);
 

@@ -112,7 +112,7 @@ pub fn dump_segment(path: &Path, records: bool) -> std::io::Result<String> {
     // Cross-check with the validating scanner used by recovery.
     let s = segment::scan(&bytes, 0, base, |_| {});
     let verdict = match &s.stop {
-        ScanStop::End | ScanStop::Zeros => "clean".to_string(),
+        ScanStop::End | ScanStop::Zeros | ScanStop::Stopped => "clean".to_string(),
         other => format!("recovery would stop at byte {}: {other:?}", s.end),
     };
     let _ = writeln!(

@@ -25,6 +25,7 @@ use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -103,6 +104,8 @@ pub enum ScanStop {
     Invalid(batch::BatchError),
     /// Found a valid batch whose base offset is not the one expected.
     OffsetGap { expected: Offset, found: Offset },
+    /// The caller of [`scan_while`] asked to stop after the batch it was given.
+    Stopped,
 }
 
 /// Result of [`scan`].
@@ -124,6 +127,21 @@ pub fn scan(
     start: u64,
     expected: Option<Offset>,
     mut each: impl FnMut(&BatchInfo),
+) -> Scan {
+    scan_while(bytes, start, expected, |b| {
+        each(b);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`scan`] that stops (with [`ScanStop::Stopped`], `end` just past that batch) once
+/// `each` breaks: a lookup that has found its batch does not check the rest of the
+/// segment (256 MiB by default, up to 4 GiB) on the shard's thread.
+pub fn scan_while(
+    bytes: &[u8],
+    start: u64,
+    expected: Option<Offset>,
+    mut each: impl FnMut(&BatchInfo) -> ControlFlow<()>,
 ) -> Scan {
     let mut pos = usize::try_from(start)
         .unwrap_or(usize::MAX)
@@ -173,7 +191,7 @@ pub fn scan(
             max_timestamp: b.max_timestamp(),
             crc: h.crc.get(),
         };
-        each(&info);
+        let flow = each(&info);
         batches += 1;
         let Some(n) = last.checked_add(1) else {
             break ScanStop::Invalid(batch::BatchError::BadLength {
@@ -184,6 +202,9 @@ pub fn scan(
         };
         next = Some(Offset(n));
         pos += b.len();
+        if flow.is_break() {
+            break ScanStop::Stopped;
+        }
     };
     Scan {
         end: pos as u64,
@@ -766,14 +787,18 @@ impl<B: LogIo> Segment<B> {
                             expected,
                             found,
                         },
-                        ScanStop::End | ScanStop::Zeros => StorageError::CorruptBatch {
-                            segment: path.clone(),
-                            position: end,
-                            source: batch::BatchError::Truncated {
-                                needed: HEADER_LEN,
-                                available: 0,
-                            },
-                        },
+                        // Recovery's scan never stops early; `Stopped` is listed
+                        // only to keep this match exhaustive.
+                        ScanStop::End | ScanStop::Zeros | ScanStop::Stopped => {
+                            StorageError::CorruptBatch {
+                                segment: path.clone(),
+                                position: end,
+                                source: batch::BatchError::Truncated {
+                                    needed: HEADER_LEN,
+                                    available: 0,
+                                },
+                            }
+                        }
                     };
                     tracing::error!(segment = %path.display(), error = %err, "corrupt sealed segment; keeping its bytes");
                     rec.corruption = Some(err);
@@ -1480,9 +1505,12 @@ impl<B: LogIo> Segment<B> {
         let pos = index::lookup(&self.index, start_rel, self.written_len)
             .map_or(0, |e| u64::from(e.position));
         let mut found = None;
-        let s = scan(&self.map[..self.written_len as usize], pos, None, |b| {
-            if found.is_none() && b.max_timestamp >= ts {
+        let s = scan_while(&self.map[..self.written_len as usize], pos, None, |b| {
+            if b.max_timestamp >= ts {
                 found = Some(b.base_offset);
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
         });
         if let ScanStop::Invalid(e) = s.stop {
