@@ -1,6 +1,6 @@
 //! Streaming copies: appended bytes copied into memory that the CPU does not read
-//! back soon (the tail cache's blocks), with non-temporal stores that bypass the
-//! cache.
+//! back soon (the tail cache's blocks and the staging chunks the disk reads by DMA),
+//! with non-temporal stores that bypass the cache.
 //!
 //! A plain `memcpy` of a batch first reads every destination line into the cache
 //! (read for ownership), then evicts other data to hold it: for a 1 MB batch that
@@ -11,8 +11,14 @@
 //! Measured with scenario b (1 producer, 1 KB x 1000, memory durability), three
 //! interleaved runs each: 2,154-2,366 MB/s with the tail cache's copy streaming,
 //! 1,581-1,711 with plain copies, 1,777-1,999 with the staging copy streaming too
-//! (the disk's DMA then reads the staging buffer from memory instead of the cache),
-//! so the staging copy stays plain.
+//! (the disk's DMA then reads the staging buffer from memory instead of the cache).
+//! That was on an Intel Xeon host. On the AMD EPYC host of 2026-11-28 the staging
+//! copy streaming won instead, six interleaved pairs of b: 1,985-2,469 against
+//! 1,748-2,050 MB/s (the host's I/O thread there does not share our L3, so its read
+//! comes from memory either way, and only the read for ownership is saved). The
+//! staging copy streams now, for the host the project runs on today; on the Xeon
+//! this choice should be measured again (there b ran at 0.89-0.97x loopback with the
+//! plain copy; on the EPYC the plain copy gave 0.58x in a bench run).
 #![allow(unsafe_code)]
 
 /// Shorter copies go through `copy_from_slice`: the set-up costs more than the

@@ -1029,7 +1029,11 @@ impl<B: LogIo> Segment<B> {
             let c = self.staging.as_mut().expect("just set");
             debug_assert_eq!(c.pos + c.filled as u64, self.len);
             let n = c.room().min(src.len());
-            c.buf.as_mut_slice()[c.filled..c.filled + n].copy_from_slice(&src[..n]);
+            // Streaming stores: only the disk's DMA reads these bytes (storage::copy).
+            crate::storage::copy::copy_streaming(
+                &mut c.buf.as_mut_slice()[c.filled..c.filled + n],
+                &src[..n],
+            );
             c.filled += n;
             self.len += n as u64;
             src = &src[n..];
