@@ -17,6 +17,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 const CHILD_ENV: &str = "RINGBUS_KILL_CHILD_DIR";
+/// Set for the rounds under size retention: the child's expired segments' files
+/// are reused for new segments (recycled), and old batches sit past the new ones.
+const RETENTION_ENV: &str = "RINGBUS_KILL_CHILD_RETENTION";
 const PRODUCERS: usize = 4;
 
 /// The child process of `kill9_keeps_every_fsynced_batch`, which runs it with
@@ -34,6 +37,9 @@ fn child_appender() {
         let cfg = PartitionConfig {
             segment_bytes: 256 * 1024,
             flush_delay_us: 300,
+            retention_bytes: std::env::var(RETENTION_ENV)
+                .ok()
+                .map(|v| v.parse().unwrap()),
             ..PartitionConfig::default()
         };
         let (p, _) = Partition::open(&dir, cfg, io, TimestampMs::now()).unwrap();
@@ -68,9 +74,20 @@ fn child_appender() {
 #[test]
 fn kill9_keeps_every_fsynced_batch() {
     let exe = std::env::current_exe().unwrap();
-    for (round, delay_ms) in [150u64, 400, 900].into_iter().enumerate() {
+    let rounds = [
+        (150u64, None),
+        (400, None),
+        (900, None),
+        (600, Some(1024 * 1024u64)),
+        (1200, Some(1024 * 1024)),
+    ];
+    for (round, (delay_ms, retention)) in rounds.into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if let Some(r) = retention {
+            command.env(RETENTION_ENV, r.to_string());
+        }
+        let mut child = command
             .args([
                 "--ignored",
                 "--exact",
@@ -126,7 +143,20 @@ fn kill9_keeps_every_fsynced_batch() {
             },
         );
         assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
-        for (base, count, tag) in &acked {
+        if retention.is_some() {
+            // Retention ran after rolls: expired batches are gone by design, and
+            // the files of some were reused.
+            let recycled = p
+                .segment_bases()
+                .iter()
+                .filter(|&&b| {
+                    let log = ringbus::storage::segment::log_path(dir.path(), b);
+                    ringbus::storage::segment::is_recycled(&log)
+                })
+                .count();
+            assert!(recycled > 0, "round {round}: no segment was recycled");
+        }
+        for (base, count, tag) in acked.iter().filter(|(b, _, _)| *b >= p.log_start()) {
             let f = p
                 .read(*base, 1)
                 .unwrap_or_else(|e| panic!("round {round}: acked offset {base} unreadable: {e}"));
@@ -146,15 +176,16 @@ fn kill9_keeps_every_fsynced_batch() {
         }
         let max_acked = acked.iter().map(|(b, c, _)| b.0 + *c as u64).max().unwrap();
         assert!(p.next_offset().0 >= max_acked);
-        // Every record up to the recovered end reads back in order.
-        let all = read_all(&p, Offset(0));
-        assert_eq!(all.len() as u64, p.next_offset().0);
+        // Every record from the log start to the recovered end reads back in order.
+        let all = read_all(&p, p.log_start());
+        assert_eq!(all.len() as u64, p.next_offset().0 - p.log_start().0);
         eprintln!(
-            "round {round}: killed after {delay_ms} ms, {} acked batches, recovered {} records, {} segments, truncated {} bytes",
+            "round {round}: killed after {delay_ms} ms, {} acked batches, recovered {} records, {} segments, truncated {} bytes, recycled tail {} bytes",
             acked.len(),
             all.len(),
             p.segment_count(),
-            report.truncated_bytes
+            report.truncated_bytes,
+            report.recycled_bytes
         );
     }
 }

@@ -1473,3 +1473,271 @@ fn a_scan_told_to_stop_ends_right_after_that_batch() {
         (5, ScanStop::Stopped, ends[4], Some(Offset(10)))
     );
 }
+
+/// A log under size retention, driven the way the broker's group-commit driver
+/// does it (retention after each roll, then the spare).
+struct RecyclingLog {
+    p: Partition<StdIo>,
+    /// The batches it holds, as appended.
+    model: Vec<(Offset, Vec<u8>)>,
+    /// Inodes of the log files retention expired.
+    expired: Vec<u64>,
+    total: ringbus::storage::partition::RetentionReport,
+}
+
+fn recycling_log(dir: &std::path::Path, n: usize) -> RecyclingLog {
+    use std::os::unix::fs::MetadataExt;
+    let cfg = PartitionConfig {
+        retention_bytes: Some(160 * 1024),
+        ..small_config()
+    };
+    let (p, _) = open(dir, cfg);
+    let p = std::cell::RefCell::new(p);
+    let mut model = Vec::new();
+    let mut expired = Vec::new();
+    let mut total = ringbus::storage::partition::RetentionReport::default();
+    for i in 0..n {
+        // Different sizes, so a recycled file's old batch boundaries do not line
+        // up with the new ones.
+        let b = batch(&format!("c{i}"), 1 + i % 5, 700 + (i * 37) % 2_000, 1_000);
+        let segments = p.borrow().segment_count();
+        let a = append(&mut p.borrow_mut(), &b);
+        let mut stamped = b.clone();
+        ringbus::batch::stamp_base_offset(&mut stamped, a.base_offset);
+        model.push((a.base_offset, stamped));
+        p.borrow_mut().flush_blocking().unwrap();
+        if p.borrow().segment_count() != segments {
+            let inodes: Vec<(Offset, u64)> = p
+                .borrow()
+                .segment_bases()
+                .iter()
+                .map(|&b| {
+                    let log = ringbus::storage::segment::log_path(dir, b);
+                    (b, std::fs::metadata(log).unwrap().ino())
+                })
+                .collect();
+            let r = futures_lite::future::block_on(apply_retention_shared(&p, TimestampMs(1_000)))
+                .unwrap();
+            let start = p.borrow().log_start();
+            expired.extend(inodes.iter().filter(|(b, _)| *b < start).map(|(_, i)| *i));
+            total.segments_deleted += r.segments_deleted;
+            total.segments_recycled += r.segments_recycled;
+        }
+        futures_lite::future::block_on(prepare_spare_shared(&p));
+    }
+    let p = p.into_inner();
+    model.retain(|(o, _)| *o >= p.log_start());
+    RecyclingLog {
+        p,
+        model,
+        expired,
+        total,
+    }
+}
+
+#[test]
+fn retention_recycles_expired_segments_and_their_old_batches_never_read_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let RecyclingLog {
+        p,
+        model,
+        expired,
+        total,
+    } = recycling_log(dir.path(), 400);
+    assert!(total.segments_deleted >= 5, "{total:?}");
+    assert!(
+        total.segments_recycled >= total.segments_deleted / 2,
+        "most expired segments should become spares: {total:?}"
+    );
+    // Later segments live in files that held earlier ones.
+    let reused = p
+        .segment_bases()
+        .iter()
+        .filter(|&&b| {
+            let log = ringbus::storage::segment::log_path(dir.path(), b);
+            expired.contains(&std::fs::metadata(log).unwrap().ino())
+        })
+        .count();
+    assert!(reused >= 1, "no segment lives in a recycled file");
+    assert!(batches(&p) == model, "reads differ from what was appended");
+    // Reopen (a restart, or a kill -9 after the flush): the active segment's file
+    // still holds its earlier batches past the new ones; recovery cuts them as
+    // such, reports no damage, and every batch reads back.
+    let next = p.next_offset();
+    drop(p);
+    let cfg = PartitionConfig {
+        retention_bytes: Some(160 * 1024),
+        ..small_config()
+    };
+    let (mut q, rep) = open(dir.path(), cfg.clone());
+    assert_eq!(rep.truncated_bytes, 0, "{rep:?}");
+    assert!(rep.corruptions.is_empty(), "{rep:?}");
+    assert_eq!(q.next_offset(), next);
+    assert!(batches(&q) == model, "reads differ after reopening");
+    // And appends go on from there, into the now cut file.
+    let mut model = model;
+    for i in 0..30 {
+        let b = batch(&format!("after{i}"), 2, 900, 1_000);
+        let a = append(&mut q, &b);
+        let mut stamped = b.clone();
+        ringbus::batch::stamp_base_offset(&mut stamped, a.base_offset);
+        model.push((a.base_offset, stamped));
+    }
+    q.flush_blocking().unwrap();
+    drop(q);
+    let (q, rep) = open(dir.path(), cfg);
+    assert_eq!(rep.truncated_bytes, 0, "{rep:?}");
+    assert!(rep.corruptions.is_empty(), "{rep:?}");
+    let start = q.log_start();
+    model.retain(|(o, _)| *o >= start);
+    assert!(batches(&q) == model, "reads differ after the second reopen");
+}
+
+/// A log of `n` flushed 1 KB batches over 64 KiB segments, 100 KiB retained.
+fn retained_log(dir: &std::path::Path, n: usize) -> Partition<StdIo> {
+    let cfg = PartitionConfig {
+        retention_bytes: Some(100 * 1024),
+        ..small_config()
+    };
+    let (mut p, _) = open(dir, cfg);
+    for i in 0..n {
+        append(&mut p, &batch(&format!("r{i}"), 1, 1000, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    p
+}
+
+/// A file is reused only once no reader holds a slice of its map: the held bytes
+/// of every expired segment stay as they were while new segments are written.
+#[test]
+fn held_reads_keep_expired_segments_from_being_recycled() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = retained_log(dir.path(), 300);
+    // Read through the maps, as a broker out of read buffers would.
+    let held: Vec<_> = p
+        .segment_bases()
+        .iter()
+        .map(|&b| p.read(b, 64 * 1024).unwrap())
+        .collect();
+    let copies: Vec<Vec<u8>> = held.iter().map(|f| f.chunks[0].to_vec()).collect();
+    let cell = std::cell::RefCell::new(p);
+    let r =
+        futures_lite::future::block_on(apply_retention_shared(&cell, TimestampMs(1_000))).unwrap();
+    assert!(r.segments_deleted >= 2, "{r:?}");
+    assert_eq!(r.segments_recycled, 0, "a held segment was recycled");
+    // Segments written from here on go to new files (or to spares made anew).
+    for i in 0..200 {
+        append(
+            &mut cell.borrow_mut(),
+            &batch(&format!("n{i}"), 1, 1000, 1_000),
+        );
+        futures_lite::future::block_on(prepare_spare_shared(&cell));
+    }
+    cell.borrow_mut().flush_blocking().unwrap();
+    for (f, copy) in held.iter().zip(&copies) {
+        assert!(f.chunks[0][..] == copy[..], "held bytes changed");
+    }
+    // Once the readers let go, the next expiry may recycle.
+    drop(held);
+    for i in 0..200 {
+        append(
+            &mut cell.borrow_mut(),
+            &batch(&format!("m{i}"), 1, 1000, 1_000),
+        );
+    }
+    cell.borrow_mut().flush_blocking().unwrap();
+    let r =
+        futures_lite::future::block_on(apply_retention_shared(&cell, TimestampMs(1_000))).unwrap();
+    assert_eq!(r.segments_recycled, 1, "{r:?}");
+}
+
+/// A crash after a recycled segment was sealed and made durable but before its
+/// file was cut to length leaves the file's earlier batches after the new ones.
+/// Recovery must see that every offset up to the next segment is there and trim the
+/// rest, not take it for an interrupted flush and drop the segments after it.
+#[test]
+fn a_recycled_segment_left_untrimmed_by_a_crash_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let RecyclingLog {
+        p, model, total, ..
+    } = recycling_log(dir.path(), 400);
+    assert!(total.segments_recycled >= 1, "{total:?}");
+    let bases = p.segment_bases();
+    assert!(bases.len() >= 3, "{bases:?}");
+    let next = p.next_offset();
+    drop(p);
+    // Untrim the first sealed segment the way the crash would leave it: its own
+    // batches, then batches with offsets below its base (an earlier segment's),
+    // up to the preallocated length.
+    let log = ringbus::storage::segment::log_path(dir.path(), bases[0]);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let mut old = batch("old", 3, 1_500, 1_000);
+    ringbus::batch::stamp_base_offset(&mut old, Offset(0));
+    let capacity = small_config().segment_bytes as usize;
+    while bytes.len() + old.len() <= capacity {
+        bytes.extend_from_slice(&old);
+    }
+    bytes.resize(capacity, 0x5a);
+    std::fs::write(&log, &bytes).unwrap();
+    let (q, rep) = open(dir.path(), small_config());
+    assert!(rep.corruptions.is_empty(), "{rep:?}");
+    assert!(rep.trimmed_bytes > 0, "{rep:?}");
+    assert_eq!(q.segment_bases(), bases, "segments were dropped");
+    assert_eq!(q.next_offset(), next);
+    assert!(batches(&q) == model, "reads differ after recovery");
+    assert!(std::fs::metadata(&log).unwrap().len() < capacity as u64);
+}
+
+fn log_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            ringbus::storage::segment::parse_log_name(&n.to_string_lossy()).is_some()
+        })
+        .count()
+}
+
+/// Retention by size removes no file it could reuse: one expired file becomes the
+/// spare, and the newest other expired segment waits for the next roll instead of
+/// being unlinked (a written segment's discard stalls the device for tens of ms).
+#[test]
+fn size_retention_keeps_back_one_segment_it_cannot_reuse_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = retained_log(dir.path(), 400);
+    let before = p.segment_count();
+    assert!(before >= 6, "{before}");
+    // The spare's place is free: one expired file is reused, one expired segment
+    // is kept back, the rest are removed.
+    let r = p.apply_retention(TimestampMs(1_000)).unwrap();
+    assert_eq!(r.segments_recycled, 1, "{r:?}");
+    assert!(r.segments_deleted >= 2, "{r:?}");
+    assert_eq!(p.segment_count(), before - r.segments_deleted);
+    assert_eq!(log_files(dir.path()), p.segment_count());
+    let bases = p.segment_bases();
+    // The oldest one left is past the limit too (sealed, its file is its length).
+    let oldest = std::fs::metadata(ringbus::storage::segment::log_path(dir.path(), bases[0]))
+        .unwrap()
+        .len();
+    assert!(
+        p.size_bytes() - oldest >= 100 * 1024,
+        "nothing was kept back"
+    );
+    // The spare is taken: the kept-back segment stays however often retention runs.
+    let again = p.apply_retention(TimestampMs(1_000)).unwrap();
+    assert_eq!(again.segments_deleted, 0, "{again:?}");
+    assert_eq!(p.segment_bases(), bases);
+    // The next roll uses the spare; then the kept-back segment goes, as the spare.
+    let segments = p.segment_count();
+    let mut i = 0;
+    while p.segment_count() == segments {
+        append(&mut p, &batch(&format!("l{i}"), 1, 1000, 1_000));
+        i += 1;
+    }
+    p.flush_blocking().unwrap();
+    let r = p.apply_retention(TimestampMs(1_000)).unwrap();
+    assert_eq!(r.segments_recycled, 1, "{r:?}");
+    assert_eq!(log_files(dir.path()), p.segment_count());
+    assert!(!p.segment_bases().contains(&bases[0]));
+}

@@ -9,12 +9,14 @@
 //! - `UringIo` (`storage::uring`): glommio's io_uring `DmaFile`, so a core never
 //!   blocks on the disk.
 //!
-//! This module also owns the page-aligned buffer type and `fallocate`, which is why
-//! it may use `unsafe` (STYLE 10). It must not know about batches or offsets.
+//! This module also owns the page-aligned buffer type, `fallocate` and the extended
+//! attribute that marks a recycled segment, which is why it may use `unsafe`
+//! (STYLE 10). It must not know about batches or offsets.
 #![allow(unsafe_code)]
 
 use crate::limits::IO_ALIGN_BYTES;
 use std::alloc::Layout;
+use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
@@ -243,6 +245,40 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
         return file.set_len(len as u64);
     }
     Err(err)
+}
+
+/// Sets the extended attribute `name` (no value) on `file`: a mark for recovery's
+/// report, never for its decisions. Filesystems without user attributes answer
+/// with an error the caller may ignore.
+pub fn set_mark(file: &File, name: &CStr) -> io::Result<()> {
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the value
+    // pointer is valid for its length (zero); the fd is valid for the borrow.
+    let rc = unsafe { libc::fsetxattr(file.as_raw_fd(), name.as_ptr(), std::ptr::null(), 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `file` carries the mark `name` ([`set_mark`]); `false` where the
+/// filesystem cannot tell.
+pub fn has_mark(file: &File, name: &CStr) -> bool {
+    // SAFETY: as in `set_mark`; a zero-length buffer only asks for the size.
+    let rc = unsafe { libc::fgetxattr(file.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    rc >= 0
+}
+
+/// Removes the mark `name` from `file`, if it has it.
+pub fn clear_mark(file: &File, name: &CStr) -> io::Result<()> {
+    // SAFETY: as in `set_mark`.
+    let rc = unsafe { libc::fremovexattr(file.as_raw_fd(), name.as_ptr()) };
+    let err = io::Error::last_os_error();
+    if rc == 0 || err.raw_os_error() == Some(libc::ENODATA) {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 /// fsyncs a directory so a file created or removed in it survives a crash.

@@ -12,13 +12,18 @@
 //! running broker breaks that and can change bytes a reader already holds; a writer
 //! that truncates a mapped file makes reads of the cut pages fault (SIGBUS). Operators
 //! must not edit segment files of a running broker.
+//!
+//! Retention may reuse an expired segment's file for a later segment (see
+//! `SpareSegment::recycle`), which overwrites bytes readers were given. It does so
+//! only once the [`MapWatch`] of that file's map says no `Bytes` of it is alive;
+//! the segment is out of the log by then, so no new slice can be cut from it.
 #![allow(unsafe_code)]
 
 use bytes::Bytes;
 use memmap2::MmapOptions;
 use std::fs::File;
 use std::io;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
 
 fn page_size() -> usize {
     static PAGE: OnceLock<usize> = OnceLock::new();
@@ -90,4 +95,42 @@ pub fn map_readonly(file: &File, len: u64) -> io::Result<Bytes> {
     // the log never truncates below a length it has published to readers.
     let map = unsafe { MmapOptions::new().len(len).map(file)? };
     Ok(Bytes::from_owner(map))
+}
+
+/// A map as the owner of its `Bytes`, with a token that dies with the last of them.
+struct Watched {
+    map: memmap2::Mmap,
+    _alive: Arc<()>,
+}
+
+impl AsRef<[u8]> for Watched {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// Tells whether any `Bytes` of a map from [`map_watched`] is still alive.
+#[derive(Debug, Clone, Default)]
+pub struct MapWatch(Weak<()>);
+
+impl MapWatch {
+    /// Whether a slice of the map is held anywhere (the segment's own `Bytes`
+    /// included). Once false it stays false if no one can clone a slice meanwhile.
+    pub fn in_use(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+/// [`map_readonly`], with a [`MapWatch`] that reports whether the map is still read.
+pub fn map_watched(file: &File, len: u64) -> io::Result<(Bytes, MapWatch)> {
+    if len == 0 {
+        return Ok((Bytes::new(), MapWatch::default()));
+    }
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: as in `map_readonly`; and a recycled file is written again only once
+    // the watch says no slice of this map is alive (module doc).
+    let map = unsafe { MmapOptions::new().len(len).map(file)? };
+    let alive = Arc::new(());
+    let watch = MapWatch(Arc::downgrade(&alive));
+    Ok((Bytes::from_owner(Watched { map, _alive: alive }), watch))
 }

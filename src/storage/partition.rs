@@ -20,7 +20,7 @@ use crate::batch::{BatchError, ValidBatch};
 use crate::limits;
 use crate::storage::cold::{self, ReadPool};
 use crate::storage::io::LogIo;
-use crate::storage::mmap;
+use crate::storage::mmap::{self, MapWatch};
 use crate::storage::segment::{
     self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment, Trim,
 };
@@ -171,8 +171,13 @@ pub struct RecoveryReport {
     /// Torn or corrupt tail bytes cut from the active segment.
     pub truncated_bytes: u64,
     pub truncated_at: Option<(PathBuf, u64)>,
-    /// Zero padding cut from sealed segments that were not trimmed before a crash.
+    /// Zero padding cut from sealed segments that were not trimmed before a crash
+    /// (for a recycled segment, its earlier contents).
     pub trimmed_bytes: u64,
+    /// Bytes cut after the last batch of a recycled active segment: the file's
+    /// earlier contents (and any write that was never acknowledged). Expected after
+    /// any restart with recycling on; not damage.
+    pub recycled_bytes: u64,
     pub indexes_rebuilt: Vec<PathBuf>,
     /// Damage that recovery did not repair because it would drop sealed data.
     pub corruptions: Vec<StorageError>,
@@ -181,9 +186,13 @@ pub struct RecoveryReport {
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RetentionReport {
+    /// Segments dropped from the log (recycled ones included).
     pub segments_deleted: usize,
     pub bytes_deleted: u64,
     pub new_log_start: Offset,
+    /// Of those, segments whose file became the next spare instead of being
+    /// removed ([`SpareSegment::recycle`]).
+    pub segments_recycled: usize,
 }
 
 /// Write jobs started since a partition was opened.
@@ -358,6 +367,9 @@ pub struct Partition<B: LogIo> {
     spare: Spare,
     /// Bumped when a spare is wanted, for the driver that creates it.
     spare_kicks: Watermark,
+    /// A roll happened and retention limits are set: the driver applies retention
+    /// at once, so that an expired segment's file can become the next spare.
+    retention_due: bool,
     /// A segment was renamed into the directory since the last sync job was taken.
     dir_unsynced: bool,
     /// Sealed segments marked trimmed whose files are still to be cut.
@@ -453,6 +465,18 @@ enum Spare {
     /// Creating one failed: the next roll creates its segment in place (and
     /// reports the error if it fails again); the one after asks anew.
     Failed,
+}
+
+impl Spare {
+    fn name(&self) -> &'static str {
+        match self {
+            Spare::Idle => "idle",
+            Spare::Wanted => "wanted",
+            Spare::Preparing => "preparing",
+            Spare::Ready(_) => "ready",
+            Spare::Failed => "failed",
+        }
+    }
 }
 
 impl<B: LogIo> std::fmt::Debug for Partition<B> {
@@ -561,6 +585,7 @@ impl<B: LogIo> Partition<B> {
             let last = incomplete || role_is_active(role);
             report.batches_scanned += rec.batches_scanned;
             report.trimmed_bytes += rec.trimmed_bytes;
+            report.recycled_bytes += rec.recycled_bytes;
             if rec.truncated_bytes > 0 {
                 report.truncated_bytes += rec.truncated_bytes;
                 report.truncated_at = rec.truncated_at.map(|p| (seg.path.clone(), p));
@@ -607,6 +632,7 @@ impl<B: LogIo> Partition<B> {
             cache: None,
             spare: Spare::Idle,
             spare_kicks: Watermark::new(0),
+            retention_due: false,
             dir_unsynced: false,
             trims: Vec::new(),
             read_pool: None,
@@ -736,10 +762,7 @@ impl<B: LogIo> Partition<B> {
         active.append(io, &b, base);
         self.next_offset = active.next_offset;
         assert_eq!(self.next_offset, base.plus(span));
-        if matches!(self.spare, Spare::Idle) && active.len >= self.capacity / 2 {
-            self.spare = Spare::Wanted;
-            self.spare_kicks.advance(self.spare_kicks.get() + 1);
-        }
+        self.want_spare_if_due();
         let pending = self.pending_bytes();
         self.pending_since.get_or_insert(now);
         self.appended.advance(self.next_offset.0);
@@ -760,6 +783,7 @@ impl<B: LogIo> Partition<B> {
             return Ok(());
         }
         let (dir, base, pool) = (&self.dir, self.next_offset, self.pool.clone());
+        tracing::debug!(dir = %dir.display(), %base, spare = self.spare.name(), "roll");
         let mut seg = match std::mem::replace(&mut self.spare, Spare::Idle) {
             Spare::Ready(spare) if spare.capacity() == self.capacity => {
                 let seg = Segment::from_spare(dir, base, spare, pool, wall)?;
@@ -782,7 +806,16 @@ impl<B: LogIo> Partition<B> {
             .expect("at least one segment")
             .seal();
         self.segments.push_back(seg);
+        if self.config.retention_bytes.is_some() || self.config.retention_ms.is_some() {
+            self.retention_due = true;
+            self.spare_kicks.advance(self.spare_kicks.get() + 1);
+        }
         Ok(())
+    }
+
+    /// Whether a roll asked for retention since the last call (and clears it).
+    pub(crate) fn take_retention_due(&mut self) -> bool {
+        std::mem::take(&mut self.retention_due)
     }
 
     /// Bumped whenever the partition wants a spare segment made
@@ -813,6 +846,32 @@ impl<B: LogIo> Partition<B> {
                 Spare::Failed
             }
         };
+    }
+
+    /// Takes the outcome of the recycling that [`Partition::take_expired`] planned:
+    /// the spare, an error (logged: the next roll creates its segment itself), or
+    /// `None` when every expired segment's map was still read, so none could be
+    /// reused; then a spare is asked for as usual.
+    fn complete_recycle(&mut self, made: Option<Result<SpareSegment, StorageError>>) {
+        match made {
+            Some(made) => self.complete_spare(made),
+            None => {
+                self.spare = Spare::Idle;
+                self.want_spare_if_due();
+            }
+        }
+    }
+
+    /// Asks for a spare once the active segment is half full and none is on its way.
+    fn want_spare_if_due(&mut self) {
+        let half = self
+            .segments
+            .back()
+            .is_some_and(|s| s.len >= self.capacity / 2);
+        if matches!(self.spare, Spare::Idle) && half {
+            self.spare = Spare::Wanted;
+            self.spare_kicks.advance(self.spare_kicks.get() + 1);
+        }
     }
 
     /// Keeps copies of the batches appended from now on in memory under `budget`
@@ -1505,43 +1564,79 @@ impl<B: LogIo> Partition<B> {
     /// Deletes the oldest sealed, fully written segments while the retention limits
     /// say so. Never deletes the active segment.
     pub fn apply_retention(&mut self, now: TimestampMs) -> Result<RetentionReport, StorageError> {
-        let (report, gone) = self.take_expired(now);
-        remove_segments(&self.dir, &gone)?;
+        let (mut report, gone) = self.take_expired(now);
+        let (removed, recycled) = retire_segments(&gone);
+        report.segments_recycled = usize::from(matches!(recycled, Some(Ok(_))));
+        if gone.recycle.is_some() {
+            self.complete_recycle(recycled);
+        }
+        removed?;
         Ok(report)
     }
 
     /// The decision half of [`Partition::apply_retention`]: drops the expired
-    /// segments from the partition (the log start moves at once) and returns the base
-    /// offsets whose files are still to be removed ([`remove_segments`]).
-    fn take_expired(&mut self, now: TimestampMs) -> (RetentionReport, Vec<Offset>) {
+    /// segments from the partition (the log start moves at once) and returns what is
+    /// left to do with their files ([`retire_segments`]): remove them, or reuse one
+    /// as the next spare when none is on its way (its blocks stay written, which
+    /// makes the next segment's writes cheaper: docs/ARCHITECTURE.md, "Recycled
+    /// segments").
+    fn take_expired(&mut self, now: TimestampMs) -> (RetentionReport, Expired) {
         let mut report = RetentionReport::default();
-        let mut gone = Vec::new();
+        let mut gone = Expired {
+            dir: self.dir.clone(),
+            segments: Vec::new(),
+            recycle: None,
+        };
+        // How many of the oldest segments the limits expire.
         let mut total = self.size_bytes();
-        while self.segments.len() > 1 {
-            let oldest = self.segments.front().expect("len > 1");
-            if oldest.state != (segment::SegmentState::Sealed { trimmed: true }) {
+        let mut expired = 0;
+        let mut newest_by_age = false;
+        for (i, seg) in self.segments.iter().enumerate() {
+            if i + 1 == self.segments.len()
+                || seg.state != (segment::SegmentState::Sealed { trimmed: true })
+            {
                 break;
             }
             let by_bytes = self
                 .config
                 .retention_bytes
-                .is_some_and(|r| total - oldest.len >= r);
+                .is_some_and(|r| total - seg.len >= r);
             let by_age = self.config.retention_ms.is_some_and(|ms| {
-                oldest.max_timestamp.is_none_or(|m| {
+                seg.max_timestamp.is_none_or(|m| {
                     now.0.saturating_sub(m.0) > i64::try_from(ms).unwrap_or(i64::MAX)
                 })
             });
             if !(by_bytes || by_age) {
                 break;
             }
-            gone.push(oldest.base);
-            total -= oldest.len;
+            total -= seg.len;
+            expired += 1;
+            newest_by_age = by_age;
+        }
+        let spare_free = matches!(self.spare, Spare::Idle | Spare::Wanted | Spare::Failed);
+        if expired > usize::from(spare_free) && !newest_by_age {
+            // One expired file can become the spare, and only when none is on its
+            // way; the others are removed, and unlinking a written 256 MiB segment
+            // discards it on the device (45-50 ms of stalled writes here, e's worst
+            // acknowledgements). So the newest expired segment that could not be
+            // reused stays until the next roll frees the spare's place: the log
+            // holds at most one segment over the limits meanwhile, and in steady
+            // state every roll reuses a file and removes none. Not for segments
+            // past `retention_ms`: their age limit is kept to the check.
+            expired -= 1;
+        }
+        for _ in 0..expired {
+            let oldest = self.segments.pop_front().expect("counted above");
+            gone.segments.push((oldest.base, oldest.map_watch()));
             report.segments_deleted += 1;
             report.bytes_deleted += oldest.len;
-            tracing::info!(segment = %oldest.path.display(), by_bytes, by_age, "retention deleted segment");
-            self.segments.pop_front();
+            tracing::info!(segment = %oldest.path.display(), "retention deleted segment");
         }
         report.new_log_start = self.log_start();
+        if !gone.segments.is_empty() && spare_free && self.fenced.is_none() {
+            self.spare = Spare::Preparing;
+            gone.recycle = Some(self.capacity);
+        }
         (report, gone)
     }
 
@@ -1711,16 +1806,53 @@ async fn run_cold_read<B: LogIo>(
     Some(part.borrow_mut().complete_cold_read(&plan, got))
 }
 
-/// Removes the files of the segments at `bases` (already dropped from their
-/// partition; readers still holding their bytes keep the maps) and syncs `dir`.
-fn remove_segments(dir: &Path, bases: &[Offset]) -> Result<(), StorageError> {
-    if bases.is_empty() {
-        return Ok(());
+/// Segments retention dropped from a partition, whose files are still to go.
+struct Expired {
+    dir: PathBuf,
+    /// Base offsets, oldest first, and whether a slice of each map is still held.
+    segments: Vec<(Offset, MapWatch)>,
+    /// The partition's segment size, when one of them may become its next spare
+    /// (the partition then waits for [`Partition::complete_recycle`]).
+    recycle: Option<u64>,
+}
+
+/// Disposes of expired segments' files (blocking; the shared path runs it on a
+/// helper thread): the newest one that no reader holds a slice of becomes the
+/// spare when `recycle` asks for one, the others are removed (readers still
+/// holding their bytes keep the maps), and the directory is synced. Returns the
+/// removals' outcome and, when recycling was asked, the spare (`None`: every map
+/// was still read).
+fn retire_segments(
+    gone: &Expired,
+) -> (
+    Result<(), StorageError>,
+    Option<Result<SpareSegment, StorageError>>,
+) {
+    let dir = &gone.dir;
+    let started = Instant::now();
+    let mut spare = None;
+    let mut removed = Ok(());
+    for (base, watch) in gone.segments.iter().rev() {
+        match gone.recycle {
+            Some(capacity) if spare.is_none() && !watch.in_use() => {
+                spare = Some(SpareSegment::recycle(dir, *base, capacity));
+            }
+            _ => {
+                if let Err(e) = segment::remove_files(dir, *base) {
+                    removed = removed.and(Err(e));
+                }
+            }
+        }
     }
-    for &base in bases {
-        segment::remove_files(dir, base)?;
+    if !gone.segments.is_empty() {
+        let synced =
+            crate::storage::io::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e));
+        removed = removed.and(synced);
     }
-    crate::storage::io::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))
+    tracing::debug!(dir = %dir.display(), segments = gone.segments.len(),
+        recycled = matches!(spare, Some(Ok(_))), took_us = started.elapsed().as_micros() as u64,
+        "expired segments retired");
+    (removed, spare)
 }
 
 /// [`Partition::apply_retention`] on a shared partition, with the file removals and
@@ -1731,15 +1863,18 @@ pub async fn apply_retention_shared<B: LogIo>(
     now: TimestampMs,
 ) -> Result<RetentionReport, StorageError> {
     part.borrow_mut().expire_cold_spans(Instant::now());
-    let (report, gone) = part.borrow_mut().take_expired(now);
-    if !gone.is_empty() {
-        let (io, dir) = {
-            let p = part.borrow();
-            (p.io.clone(), p.dir.clone())
-        };
-        io.run_blocking(move || remove_segments(&dir, &gone))
-            .await?;
+    let (mut report, gone) = part.borrow_mut().take_expired(now);
+    if gone.segments.is_empty() {
+        return Ok(report);
     }
+    let io = part.borrow().io.clone();
+    let asked = gone.recycle.is_some();
+    let (removed, recycled) = io.run_blocking(move || retire_segments(&gone)).await;
+    report.segments_recycled = usize::from(matches!(recycled, Some(Ok(_))));
+    if asked {
+        part.borrow_mut().complete_recycle(recycled);
+    }
+    removed?;
     Ok(report)
 }
 

@@ -18,7 +18,7 @@ use crate::limits::{
 };
 use crate::storage::index::{self, IndexEntry, TimeEntry};
 use crate::storage::io::{self as sio, LogIo, WriteBuf};
-use crate::storage::mmap::map_readonly;
+use crate::storage::mmap::{map_readonly, map_watched, MapWatch};
 use crate::storage::tail_cache::{CacheBudget, SegmentCache};
 use crate::storage::StorageError;
 use crate::types::{Offset, TimestampMs};
@@ -40,6 +40,18 @@ pub fn index_path(dir: &Path, base: Offset) -> PathBuf {
 
 pub fn time_index_path(dir: &Path, base: Offset) -> PathBuf {
     dir.join(format!("{:020}.timeindex", base.0))
+}
+
+/// The extended attribute on a recycled segment's log ([`SpareSegment::recycle`]):
+/// recovery then reports the bytes it cuts after the last batch as the file's
+/// earlier contents, not as damage. It informs the report only: recovery cuts those
+/// bytes the same way with or without it.
+const RECYCLED_MARK: &std::ffi::CStr = c"user.ringbus.recycled";
+
+/// Whether the segment log at `path` lives in a recycled file (for tests and
+/// tools); `false` when it cannot be read.
+pub fn is_recycled(path: &Path) -> bool {
+    File::open(path).is_ok_and(|f| sio::has_mark(&f, RECYCLED_MARK))
 }
 
 /// `[log, index, time index]` of the segment at `base`.
@@ -350,6 +362,9 @@ pub(crate) struct Segment<B: LogIo> {
     index_file: File,
     time_file: File,
     map: Bytes,
+    /// Whether any slice of `map` is still held (by a reader, or by `map` itself):
+    /// retention reuses the file only once none is.
+    map_watch: MapWatch,
     /// Preallocated file length (active) or real length (sealed).
     pub(crate) capacity: u64,
     pub(crate) state: SegmentState,
@@ -430,6 +445,10 @@ pub(crate) struct SegmentRecovery {
     pub(crate) index_rebuilt: bool,
     pub(crate) corruption: Option<StorageError>,
     pub(crate) batches_scanned: u64,
+    /// Bytes cut after the last batch of a recycled active segment (its earlier
+    /// contents, and any write that was never acknowledged), instead of
+    /// `truncated_bytes`.
+    pub(crate) recycled_bytes: u64,
     /// A sealed segment whose tail was never written (zeros where batches should
     /// be): a crash interrupted the flush that crossed a roll. Nothing after it
     /// was acknowledged, because writes are ordered by segment.
@@ -458,6 +477,7 @@ struct SegmentFiles {
     index_file: File,
     time_file: File,
     map: Bytes,
+    map_watch: MapWatch,
 }
 
 impl SegmentFiles {
@@ -486,12 +506,25 @@ impl SegmentFiles {
             .set_len(0)
             .map_err(|e| StorageError::io("truncate", time_path, e))?;
         sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
-        let map = map_readonly(&file, capacity).map_err(|e| StorageError::io("mmap", path, e))?;
+        Self::finish(file, index_file, time_file, path, capacity)
+    }
+
+    /// Maps `file` and assembles the set.
+    fn finish(
+        file: File,
+        index_file: File,
+        time_file: File,
+        path: &Path,
+        capacity: u64,
+    ) -> Result<Self, StorageError> {
+        let (map, map_watch) =
+            map_watched(&file, capacity).map_err(|e| StorageError::io("mmap", path, e))?;
         Ok(SegmentFiles {
             file,
             index_file,
             time_file,
             map,
+            map_watch,
         })
     }
 }
@@ -518,6 +551,58 @@ impl SpareSegment {
     pub(crate) fn create(dir: &Path, capacity: u64) -> Result<SpareSegment, StorageError> {
         remove_existing(spare_paths(dir))?;
         let files = SegmentFiles::create(dir, &spare_paths(dir), capacity)?;
+        Ok(SpareSegment { files, capacity })
+    }
+
+    /// Makes the spare from the file of the expired segment at `base` instead of a
+    /// new one: its log becomes `spare.log` (extended and preallocated to `capacity`
+    /// again), its indexes are removed and new empty ones created, and `dir` is
+    /// synced. The blocks it had written stay written, so writes into them need no
+    /// unwritten-extent conversion (a metadata write and, with `discard`, a discard
+    /// per write: see docs/ARCHITECTURE.md, "Recycled segments"). The old batches
+    /// stay in the file until overwritten; every reader is bounded by the written
+    /// length, and recovery stops at the first batch whose offset does not follow,
+    /// which theirs, below the new base, never do.
+    ///
+    /// The caller must know that no slice of the old segment's map is alive
+    /// ([`MapWatch::in_use`]). On failure the old segment's files are removed, as
+    /// retention would have, so that no expired segment comes back at the next open.
+    /// Blocks; meant for a helper thread.
+    pub(crate) fn recycle(
+        dir: &Path,
+        base: Offset,
+        capacity: u64,
+    ) -> Result<SpareSegment, StorageError> {
+        let made = Self::recycle_inner(dir, base, capacity);
+        if made.is_err() {
+            let _ = remove_files(dir, base);
+            let _ = remove_existing(spare_paths(dir));
+        }
+        made
+    }
+
+    fn recycle_inner(
+        dir: &Path,
+        base: Offset,
+        capacity: u64,
+    ) -> Result<SpareSegment, StorageError> {
+        let paths = spare_paths(dir);
+        let [log, index_path, time_path] = &paths;
+        remove_existing(paths.clone())?;
+        let from = log_path(dir, base);
+        // The log first: once it is renamed the segment is gone from the log, and
+        // its orphan indexes are removed below or by recovery.
+        std::fs::rename(&from, log).map_err(|e| StorageError::io("rename", &from, e))?;
+        remove_files(dir, base)?;
+        let file = open_rw(log, false)?;
+        sio::preallocate(&file, capacity).map_err(|e| StorageError::io("fallocate", log, e))?;
+        if let Err(e) = sio::set_mark(&file, RECYCLED_MARK) {
+            tracing::debug!(file = %log.display(), error = %e, "could not mark a recycled segment");
+        }
+        let index_file = open_rw(index_path, true)?;
+        let time_file = open_rw(time_path, true)?;
+        sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
+        let files = SegmentFiles::finish(file, index_file, time_file, log, capacity)?;
         Ok(SpareSegment { files, capacity })
     }
 
@@ -597,6 +682,7 @@ impl<B: LogIo> Segment<B> {
             index_file,
             time_file,
             map,
+            map_watch,
         } = files;
         Segment {
             base,
@@ -610,6 +696,7 @@ impl<B: LogIo> Segment<B> {
             index_file,
             time_file,
             map,
+            map_watch,
             capacity,
             state: SegmentState::Active,
             len: 0,
@@ -678,6 +765,7 @@ impl<B: LogIo> Segment<B> {
             index_file,
             time_file,
             map: Bytes::new(),
+            map_watch: MapWatch::default(),
         };
         let mut seg = Self::assemble(dir, base, path.clone(), files, file_len, pool, now);
 
@@ -746,7 +834,16 @@ impl<B: LogIo> Segment<B> {
         let (len, next_offset, capacity) = match role {
             Role::Active { capacity } => {
                 let capacity = capacity.max(align_up(end));
-                if garbage_end as u64 > end {
+                let recycled = sio::has_mark(&seg.file, RECYCLED_MARK);
+                if garbage_end as u64 > end && recycled {
+                    // A recycled file (`SpareSegment::recycle`) still holds the
+                    // batches of its earlier segment past the new ones.
+                    rec.recycled_bytes = garbage_end as u64 - end;
+                    tracing::info!(
+                        segment = %path.display(), position = end, bytes = rec.recycled_bytes,
+                        "cut a recycled segment's bytes after its last batch"
+                    );
+                } else if garbage_end as u64 > end {
                     rec.truncated_bytes = garbage_end as u64 - end;
                     rec.truncated_at = Some(end);
                     tracing::warn!(
@@ -762,6 +859,11 @@ impl<B: LogIo> Segment<B> {
                         .map_err(|e| StorageError::io("truncate", &path, e))?;
                     sio::preallocate(&seg.file, capacity)
                         .map_err(|e| StorageError::io("fallocate", &path, e))?;
+                    if recycled {
+                        // Past `end` the file now reads as zeros, like a new one.
+                        sio::clear_mark(&seg.file, RECYCLED_MARK)
+                            .map_err(|e| StorageError::io("removexattr", &path, e))?;
+                    }
                     seg.file
                         .sync_all()
                         .map_err(|e| StorageError::io("fsync", &path, e))?;
@@ -772,13 +874,17 @@ impl<B: LogIo> Segment<B> {
                 next_base,
                 capacity,
             } => {
-                if garbage_end as u64 > end && file_len == capacity {
+                // Every offset up to the next segment is here: whatever follows is
+                // not data (a recycled file's earlier batches, left by a crash before
+                // the trim), and the trim below cuts it.
+                let complete = next == next_base;
+                if garbage_end as u64 > end && file_len == capacity && !complete {
                     // Untrimmed: the flush that filled this segment never finished
                     // (writes land out of order, so bytes may follow the hole).
                     // Nothing from the hole on was acknowledged.
                     rec.incomplete = true;
                     return Ok((seg, rec));
-                } else if garbage_end as u64 > end {
+                } else if garbage_end as u64 > end && !complete {
                     let err = match scanned.stop.clone() {
                         ScanStop::Invalid(e) => StorageError::at(&path, end, e),
                         ScanStop::OffsetGap { expected, found } => StorageError::OffsetGap {
@@ -834,8 +940,8 @@ impl<B: LogIo> Segment<B> {
         seg.synced_len = len;
         seg.next_offset = next_offset;
         seg.written_next = next_offset;
-        seg.map =
-            map_readonly(&seg.file, capacity).map_err(|e| StorageError::io("mmap", &path, e))?;
+        (seg.map, seg.map_watch) =
+            map_watched(&seg.file, capacity).map_err(|e| StorageError::io("mmap", &path, e))?;
         if let Some(b) = infos.last() {
             seg.last_batch_rel = Some(seg.rel(b.base_offset));
         }
@@ -881,6 +987,11 @@ impl<B: LogIo> Segment<B> {
 
     fn rel(&self, offset: Offset) -> u32 {
         u32::try_from(offset.0 - self.base.0).expect("relative offset fits u32 (rolled before)")
+    }
+
+    /// Whether a slice of this segment's map is held anywhere.
+    pub(crate) fn map_watch(&self) -> MapWatch {
+        self.map_watch.clone()
     }
 
     pub(crate) fn is_active(&self) -> bool {

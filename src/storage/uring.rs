@@ -7,10 +7,12 @@
 use crate::limits;
 use crate::storage::io::{LogIo, WriteBuf};
 use crate::storage::partition::{
-    prepare_spare_shared, run_write_shared, sync_shared, FlushDue, FlushScope, Partition,
+    apply_retention_shared, prepare_spare_shared, run_write_shared, sync_shared, FlushDue,
+    FlushScope, Partition,
 };
 use crate::storage::watermark::Watermark;
 use crate::storage::StorageError;
+use crate::types::TimestampMs;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use std::cell::RefCell;
@@ -261,12 +263,19 @@ pub async fn group_commit<B: LogIo>(
     w.and(s)
 }
 
-/// Makes a spare segment whenever the partition asks for one, until the writer is
-/// done.
+/// Makes a spare segment whenever the partition asks for one, and applies retention
+/// after each roll (an expired segment's file then becomes the spare), until the
+/// writer is done.
 async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Watermark) {
     let kicks = part.borrow().spare_kick_watch();
     loop {
         let seen = kicks.get();
+        let due = part.borrow_mut().take_retention_due();
+        if due {
+            if let Err(e) = apply_retention_shared(part, TimestampMs::now()).await {
+                tracing::error!(error = %e, "retention after a roll failed");
+            }
+        }
         if prepare_spare_shared(part).await {
             continue;
         }

@@ -50,6 +50,11 @@ struct Args {
     /// Shards of the embedded broker (0 = one per core).
     #[arg(long, default_value_t = 0)]
     broker_cores: usize,
+    /// Retention by size of the topic it creates, per partition (default: the
+    /// broker's). With a limit the run reaches the steady state of a long-running
+    /// broker, where expired segments' files are reused for new ones.
+    #[arg(long)]
+    retention_bytes: Option<u64>,
     /// With --embedded: the broker's tail cache in bytes (default: the broker's own).
     #[arg(long)]
     broker_tail_cache_bytes: Option<u64>,
@@ -435,7 +440,7 @@ fn open_topic(admin: &Connection, args: &Args) -> anyhow::Result<(String, bool)>
     let config = TopicConfig {
         partitions: args.partitions,
         segment_bytes: None,
-        retention_bytes: None,
+        retention_bytes: args.retention_bytes,
         retention_ms: None,
     };
     match admin.create_topic(&name, config) {
