@@ -1741,3 +1741,128 @@ fn size_retention_keeps_back_one_segment_it_cannot_reuse_yet() {
     assert_eq!(log_files(dir.path()), p.segment_count());
     assert!(!p.segment_bases().contains(&bases[0]));
 }
+
+/// A sealed segment whose cut to length is still pending (it runs on a helper
+/// thread after the sync that made the segment durable) is not expired until the
+/// cut has run: recycled first, its file would be shortened under the next segment.
+#[test]
+fn retention_waits_for_a_sealed_segments_pending_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PartitionConfig {
+        retention_ms: Some(1),
+        ..small_config()
+    };
+    let (mut p, _) = open(dir.path(), cfg);
+    let mut i = 0;
+    while p.segment_count() < 3 {
+        append(&mut p, &batch(&format!("s{i}"), 1, 1000, 1_000));
+        i += 1;
+    }
+    p.flush_blocking().unwrap();
+    // Seal the third segment, then write and sync it without running the cut.
+    while p.segment_count() < 4 {
+        append(&mut p, &batch(&format!("t{i}"), 1, 1000, 1_000));
+        i += 1;
+    }
+    let io = StdIo::default();
+    use futures_lite::future::block_on;
+    while let Some(mut job) = p.begin_flush(ringbus::storage::FlushScope::All) {
+        let r = block_on(job.write(&io));
+        p.complete_write(&job, r).unwrap();
+    }
+    let sync = p.begin_sync().expect("unsynced bytes");
+    let r = block_on(sync.run(&io));
+    p.complete_sync(&sync, r).unwrap();
+    let bases = p.segment_bases();
+    let third = ringbus::storage::segment::log_path(dir.path(), bases[2]);
+    let untrimmed = std::fs::metadata(&third).unwrap().len();
+    assert_eq!(untrimmed, small_config().segment_bytes, "cut already ran");
+    // Every sealed segment is past its age, but the third one's cut is pending.
+    let far = TimestampMs(10_000_000);
+    let r = p.apply_retention(far).unwrap();
+    assert_eq!(r.segments_deleted, 2, "{r:?}");
+    assert_eq!(p.segment_bases(), bases[2..]);
+    assert_eq!(
+        std::fs::metadata(&third).unwrap().len(),
+        untrimmed,
+        "the pending segment's file was touched"
+    );
+    // Once cut, it expires too.
+    p.flush_blocking().unwrap();
+    assert!(std::fs::metadata(&third).unwrap().len() < untrimmed);
+    let r = p.apply_retention(far).unwrap();
+    assert_eq!(r.segments_deleted, 1, "{r:?}");
+    assert_eq!(p.segment_bases(), bases[3..]);
+}
+
+/// Recovery reports the bytes after a recycled segment's last batch as its
+/// earlier contents only when they are: a batch of its own that starts where the
+/// next one was expected but does not check out is a torn or damaged write, and
+/// is reported as such.
+#[test]
+fn a_torn_write_in_a_recycled_segment_is_reported_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let RecyclingLog { p, model, .. } = recycling_log(dir.path(), 400);
+    let active = *p.segment_bases().last().unwrap();
+    let log = ringbus::storage::segment::log_path(dir.path(), active);
+    assert!(
+        ringbus::storage::segment::is_recycled(&log),
+        "the active segment is not in a recycled file"
+    );
+    let next = p.next_offset();
+    drop(p);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let scanned = ringbus::storage::segment::scan(&bytes, 0, Some(active), |_| {});
+    assert_eq!(scanned.next_offset, Some(next));
+    let end = scanned.end;
+    assert!(
+        bytes[end as usize..].iter().any(|&b| b != 0),
+        "nothing of the file's earlier contents is left after its batches"
+    );
+    // The next batch, written over the file's earlier contents and torn.
+    let mut torn = batch("torn", 2, 1_200, 1_000);
+    ringbus::batch::stamp_base_offset(&mut torn, next);
+    let last = torn.len() - 1;
+    torn[last] ^= 0xff;
+    let at = end as usize;
+    bytes[at..at + torn.len()].copy_from_slice(&torn);
+    std::fs::write(&log, &bytes).unwrap();
+    let cfg = PartitionConfig {
+        retention_bytes: Some(160 * 1024),
+        ..small_config()
+    };
+    let (q, rep) = open(dir.path(), cfg);
+    assert!(rep.truncated_bytes > 0, "{rep:?}");
+    assert_eq!(rep.recycled_bytes, 0, "{rep:?}");
+    assert_eq!(rep.truncated_at.as_ref().map(|(_, at)| *at), Some(end));
+    assert_eq!(q.next_offset(), next);
+    assert!(batches(&q) == model, "reads differ after recovery");
+}
+
+/// `segdump` shows a recycled file's batches up to the last one in sequence and
+/// labels what follows as the file's earlier contents, not as batches.
+#[test]
+fn segdump_stops_at_a_recycled_files_earlier_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let RecyclingLog { p, .. } = recycling_log(dir.path(), 400);
+    let active = *p.segment_bases().last().unwrap();
+    let log = ringbus::storage::segment::log_path(dir.path(), active);
+    assert!(ringbus::storage::segment::is_recycled(&log));
+    drop(p);
+    let bytes = std::fs::read(&log).unwrap();
+    let scanned = ringbus::storage::segment::scan(&bytes, 0, Some(active), |_| {});
+    let text = ringbus::storage::dump::dump_segment(&log, false).unwrap();
+    assert!(text.contains("recycled file"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "earlier contents of the recycled file from byte {}",
+            scanned.end
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\n{} batches\n", scanned.batches)),
+        "{text}"
+    );
+    assert!(!text.contains("INVALID"), "{text}");
+}

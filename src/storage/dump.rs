@@ -19,6 +19,15 @@ pub fn dump_segment(path: &Path, records: bool) -> std::io::Result<String> {
         .and_then(|n| n.to_str())
         .and_then(segment::parse_log_name);
     let _ = writeln!(out, "segment {} ({} bytes)", path.display(), bytes.len());
+    // A recycled file holds its earlier segment's batches after its own, until
+    // recovery or the writes of this segment cover them.
+    let recycled = segment::is_recycled(path);
+    if recycled {
+        let _ = writeln!(
+            out,
+            "recycled file: what follows its last batch in sequence is its earlier contents"
+        );
+    }
     let mut pos = 0usize;
     let mut batches = 0u64;
     let mut expected = base;
@@ -26,6 +35,18 @@ pub fn dump_segment(path: &Path, records: bool) -> std::io::Result<String> {
         let rest = &bytes[pos..];
         if rest.is_empty() {
             let _ = writeln!(out, "end of file at byte {pos}");
+            break;
+        }
+        let starts_next = expected.is_none_or(|e| {
+            rest.get(batch::BASE_OFFSET_POS..batch::BASE_OFFSET_POS + 8)
+                .is_some_and(|b| b == e.0.to_le_bytes())
+        });
+        if recycled && !starts_next && segment::nonzero_end(rest) > 0 {
+            let _ = writeln!(
+                out,
+                "earlier contents of the recycled file from byte {pos} to {} (not data)",
+                pos + segment::nonzero_end(rest)
+            );
             break;
         }
         if rest[..rest.len().min(batch::HEADER_LEN)]

@@ -374,6 +374,10 @@ pub struct Partition<B: LogIo> {
     dir_unsynced: bool,
     /// Sealed segments marked trimmed whose files are still to be cut.
     trims: Vec<Trim>,
+    /// Base offsets of the segments whose cut is running on a helper thread. Until
+    /// it has run, retention leaves them alone: a cut that ran after the file was
+    /// recycled would shorten the next segment's file.
+    cutting: Vec<Offset>,
     /// Buffers for cold reads (`storage::cold`); `None` faults the maps in instead.
     read_pool: Option<ReadPool>,
     /// What the cold read tasks touch without borrowing the partition.
@@ -635,6 +639,7 @@ impl<B: LogIo> Partition<B> {
             retention_due: false,
             dir_unsynced: false,
             trims: Vec::new(),
+            cutting: Vec::new(),
             read_pool: None,
             cold: Rc::new(ColdState {
                 reads: RefCell::new(Vec::new()),
@@ -1592,8 +1597,11 @@ impl<B: LogIo> Partition<B> {
         let mut expired = 0;
         let mut newest_by_age = false;
         for (i, seg) in self.segments.iter().enumerate() {
+            let cut_pending =
+                self.trims.iter().any(|t| t.base() == seg.base) || self.cutting.contains(&seg.base);
             if i + 1 == self.segments.len()
                 || seg.state != (segment::SegmentState::Sealed { trimmed: true })
+                || cut_pending
             {
                 break;
             }
@@ -1816,12 +1824,46 @@ struct Expired {
     recycle: Option<u64>,
 }
 
-/// Disposes of expired segments' files (blocking; the shared path runs it on a
-/// helper thread): the newest one that no reader holds a slice of becomes the
-/// spare when `recycle` asks for one, the others are removed (readers still
-/// holding their bytes keep the maps), and the directory is synced. Returns the
-/// removals' outcome and, when recycling was asked, the spare (`None`: every map
-/// was still read).
+/// What [`retire_segments`] does with one expired segment's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retire {
+    Remove(Offset),
+    /// Becomes the partition's next spare ([`SpareSegment::recycle`]).
+    Recycle(Offset),
+}
+
+/// The steps that dispose of `gone`'s files, oldest segment first: the newest one
+/// that no reader holds a slice of is recycled when `recycle` asks for a spare,
+/// the others are removed. The order is what keeps a crash safe: recovery expects
+/// the segments left in the directory to follow one another, so an expired
+/// segment must never survive a newer one. A segment older than a hole in the
+/// offsets would be taken for one a crash left unfinished, and every segment after
+/// it dropped (`Partition::open`).
+fn retire_plan(gone: &Expired) -> Vec<Retire> {
+    let reuse = gone
+        .recycle
+        .and_then(|_| gone.segments.iter().rposition(|(_, w)| !w.in_use()));
+    gone.segments
+        .iter()
+        .enumerate()
+        .map(|(i, &(base, _))| {
+            if Some(i) == reuse {
+                Retire::Recycle(base)
+            } else {
+                Retire::Remove(base)
+            }
+        })
+        .collect()
+}
+
+/// Disposes of expired segments' files by [`retire_plan`] (blocking; the shared
+/// path runs it on a helper thread). Readers still holding a removed segment's
+/// bytes keep its map. Each step is made durable (the directory synced) before the
+/// next, and the first failure stops the rest, so whatever a crash or an error
+/// leaves is the newest expired segments, whole, in front of the log: they come
+/// back at the next open and retention expires them again. Returns the removals'
+/// outcome and, when recycling was asked, the spare (`None`: every map was still
+/// read, or a removal before it failed).
 fn retire_segments(
     gone: &Expired,
 ) -> (
@@ -1832,27 +1874,41 @@ fn retire_segments(
     let started = Instant::now();
     let mut spare = None;
     let mut removed = Ok(());
-    for (base, watch) in gone.segments.iter().rev() {
-        match gone.recycle {
-            Some(capacity) if spare.is_none() && !watch.in_use() => {
-                spare = Some(SpareSegment::recycle(dir, *base, capacity));
+    for step in retire_plan(gone) {
+        match step {
+            Retire::Recycle(base) => {
+                let capacity = gone.recycle.expect("planned only when asked");
+                // Renames the log away and syncs the directory itself.
+                let made = SpareSegment::recycle(dir, base, capacity);
+                let failed = made.is_err();
+                spare = Some(made);
+                // A failed recycle removes the segment's files; make sure of it,
+                // durably, before any newer segment goes.
+                if failed {
+                    removed = remove_durably(dir, base);
+                    if removed.is_err() {
+                        break;
+                    }
+                }
             }
-            _ => {
-                if let Err(e) = segment::remove_files(dir, *base) {
-                    removed = removed.and(Err(e));
+            Retire::Remove(base) => {
+                removed = remove_durably(dir, base);
+                if removed.is_err() {
+                    break;
                 }
             }
         }
-    }
-    if !gone.segments.is_empty() {
-        let synced =
-            crate::storage::io::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e));
-        removed = removed.and(synced);
     }
     tracing::debug!(dir = %dir.display(), segments = gone.segments.len(),
         recycled = matches!(spare, Some(Ok(_))), took_us = started.elapsed().as_micros() as u64,
         "expired segments retired");
     (removed, spare)
+}
+
+/// Removes the segment at `base`'s files (those left) and syncs `dir`.
+fn remove_durably(dir: &Path, base: Offset) -> Result<(), StorageError> {
+    segment::remove_files(dir, base)?;
+    crate::storage::io::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))
 }
 
 /// [`Partition::apply_retention`] on a shared partition, with the file removals and
@@ -1912,8 +1968,68 @@ async fn run_trims<B: LogIo>(part: &RefCell<Partition<B>>, io: &B) -> Result<(),
     if trims.is_empty() {
         return Ok(());
     }
+    let bases: Vec<Offset> = trims.iter().map(Trim::base).collect();
+    part.borrow_mut().cutting.extend_from_slice(&bases);
     let cut = io
         .run_blocking(move || trims.iter().try_for_each(Trim::run))
         .await;
-    cut.map_err(|e| part.borrow_mut().fence_with("truncate", e.to_string()))
+    let mut p = part.borrow_mut();
+    p.cutting.retain(|b| !bases.contains(b));
+    cut.map_err(|e| p.fence_with("truncate", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watch whose map is held while the returned bytes live.
+    fn held_watch() -> (Bytes, MapWatch) {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        mmap::map_watched(&f, 4096).unwrap()
+    }
+
+    fn expired(segments: Vec<(Offset, MapWatch)>, recycle: bool) -> Expired {
+        Expired {
+            dir: PathBuf::new(),
+            segments,
+            recycle: recycle.then_some(64 * 1024),
+        }
+    }
+
+    /// Expired segments go oldest first, whatever is recycled: a crash between
+    /// two steps must leave the newer ones, never an older one before a hole.
+    #[test]
+    fn expired_segments_are_retired_oldest_first() {
+        let (_held, watch) = held_watch();
+        assert!(watch.in_use());
+        let free = MapWatch::default;
+        let gone = expired(
+            vec![
+                (Offset(0), free()),
+                (Offset(10), free()),
+                (Offset(20), watch),
+            ],
+            true,
+        );
+        // The newest is still read, so the one before it is reused.
+        assert_eq!(
+            retire_plan(&gone),
+            [
+                Retire::Remove(Offset(0)),
+                Retire::Recycle(Offset(10)),
+                Retire::Remove(Offset(20)),
+            ]
+        );
+        let gone = expired(vec![(Offset(0), free()), (Offset(10), free())], true);
+        assert_eq!(
+            retire_plan(&gone),
+            [Retire::Remove(Offset(0)), Retire::Recycle(Offset(10))]
+        );
+        let gone = expired(vec![(Offset(0), free()), (Offset(10), free())], false);
+        assert_eq!(
+            retire_plan(&gone),
+            [Retire::Remove(Offset(0)), Retire::Remove(Offset(10))]
+        );
+    }
 }

@@ -461,9 +461,15 @@ pub struct Trim {
     file: File,
     len: u64,
     path: PathBuf,
+    base: Offset,
 }
 
 impl Trim {
+    /// The base offset of the segment it cuts.
+    pub(crate) fn base(&self) -> Offset {
+        self.base
+    }
+
     pub(crate) fn run(&self) -> Result<(), StorageError> {
         self.file
             .set_len(self.len)
@@ -829,15 +835,21 @@ impl<B: LogIo> Segment<B> {
         let end = scanned.end;
         let next = scanned.next_offset.unwrap_or(start.1);
         let garbage_end = end as usize + nonzero_end(&scan_map[end as usize..]);
+        // Whether the bytes after the last batch start with the offset expected next.
+        let own_next = scan_map[end as usize..garbage_end]
+            .get(batch::BASE_OFFSET_POS..batch::BASE_OFFSET_POS + 8)
+            .is_some_and(|b| b == next.0.to_le_bytes());
         drop(scan_map);
 
         let (len, next_offset, capacity) = match role {
             Role::Active { capacity } => {
                 let capacity = capacity.max(align_up(end));
                 let recycled = sio::has_mark(&seg.file, RECYCLED_MARK);
-                if garbage_end as u64 > end && recycled {
-                    // A recycled file (`SpareSegment::recycle`) still holds the
-                    // batches of its earlier segment past the new ones.
+                // A recycled file (`SpareSegment::recycle`) still holds its earlier
+                // segment's batches past the new ones: what follows the last batch
+                // is theirs unless it starts like the batch expected next, which
+                // is a torn or damaged write of this segment's own.
+                if garbage_end as u64 > end && recycled && !own_next {
                     rec.recycled_bytes = garbage_end as u64 - end;
                     tracing::info!(
                         segment = %path.display(), position = end, bytes = rec.recycled_bytes,
@@ -1456,6 +1468,7 @@ impl<B: LogIo> Segment<B> {
             file,
             len: self.len,
             path: self.path.clone(),
+            base: self.base,
         })
     }
 
