@@ -6,6 +6,7 @@
 //! come and a reader thread matches responses to requests by correlation id.
 
 use crate::batch::{BatchBuilder, BatchRef, RecordInput};
+use crate::limits;
 use crate::protocol::{
     self, ApiKey, ErrorCode, OffsetSpec, PartitionSelector, Request, Response, TopicConfig,
     TopicInfo,
@@ -13,7 +14,7 @@ use crate::protocol::{
 use crate::storage::Durability;
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -534,7 +535,8 @@ impl Consumer {
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     pub durability: Durability,
-    /// Send a partition's batch once it holds this many bytes ...
+    /// Send a partition's batch once it holds this many bytes (a batch never
+    /// grows past it, unless one record alone does) ...
     pub batch_bytes: usize,
     /// ... or once its first record has waited this long.
     pub linger: Duration,
@@ -542,6 +544,10 @@ pub struct ProducerConfig {
     pub in_flight: usize,
     /// Retries of a request that failed on the connection (not on a broker error).
     pub retries: u32,
+    /// [`Producer::send`] blocks while this many bytes of records wait in the
+    /// producer to be sent (back-pressure when the broker or the network is slower
+    /// than the application).
+    pub buffer_bytes: usize,
 }
 
 impl Default for ProducerConfig {
@@ -552,6 +558,7 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             in_flight: 8,
             retries: 3,
+            buffer_bytes: 32 << 20,
         }
     }
 }
@@ -576,10 +583,17 @@ struct Open {
     builder: BatchBuilder,
     receipts: Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
     since: Instant,
+    /// What its records added to `ProducerState::queued`.
+    queued: usize,
 }
 
 struct ProducerState {
+    /// The batch each partition is filling.
     open: HashMap<(String, u32), Open>,
+    /// Full batches, in the order they filled, to go before any open one.
+    sealed: VecDeque<((String, u32), Open)>,
+    /// Encoded bytes in `open` and `sealed`.
+    queued: usize,
     closing: bool,
 }
 
@@ -590,6 +604,8 @@ pub struct Producer {
     state: Arc<(Mutex<ProducerState>, Condvar)>,
     partitions: Mutex<HashMap<String, u32>>,
     addr: String,
+    batch_bytes: usize,
+    buffer_bytes: usize,
     sender: Option<thread::JoinHandle<()>>,
 }
 
@@ -605,12 +621,15 @@ impl Producer {
         let state = Arc::new((
             Mutex::new(ProducerState {
                 open: HashMap::new(),
+                sealed: VecDeque::new(),
+                queued: 0,
                 closing: false,
             }),
             Condvar::new(),
         ));
         let st = state.clone();
         let a = addr.to_owned();
+        let (batch_bytes, buffer_bytes) = (config.batch_bytes, config.buffer_bytes);
         let sender = thread::Builder::new()
             .name("ringbus-producer".into())
             .spawn(move || send_loop(&a, conn, &st, &config))
@@ -619,6 +638,8 @@ impl Producer {
             state,
             partitions: Mutex::new(HashMap::new()),
             addr: addr.to_owned(),
+            batch_bytes,
+            buffer_bytes,
             sender: Some(sender),
         })
     }
@@ -644,7 +665,7 @@ impl Producer {
     }
 
     /// Queues one record. `partition` wins over `key`; with neither, records go to
-    /// partition 0.
+    /// partition 0. Blocks while `buffer_bytes` of records wait to be sent.
     pub fn send(
         &self,
         topic: &str,
@@ -659,26 +680,49 @@ impl Producer {
             (None, None) => 0,
         };
         let (tx, rx) = mpsc::sync_channel(1);
+        // An upper bound of the record's encoded size (varints at their widest).
+        let size = 32
+            + key.map_or(0, <[u8]>::len)
+            + value.len()
+            + headers
+                .iter()
+                .map(|(k, v)| 20 + k.len() + v.map_or(0, <[u8]>::len))
+                .sum::<usize>();
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().expect("lock");
+        while !st.closing && st.queued > 0 && st.queued + size > self.buffer_bytes {
+            st = cv.wait(st).expect("lock");
+        }
         if st.closing {
             return Err(ClientError::Disconnected("producer closed".into()));
         }
-        let open = st
-            .open
-            .entry((topic.to_owned(), p))
-            .or_insert_with(|| Open {
-                builder: BatchBuilder::default(),
-                receipts: Vec::new(),
-                since: Instant::now(),
-            });
+        let at = (topic.to_owned(), p);
+        let full = st.open.get(&at).is_some_and(|o| {
+            !o.builder.is_empty()
+                && (o.builder.encoded_len() + size > self.batch_bytes
+                    || o.builder.record_count() >= limits::BATCH_RECORDS_MAX)
+        });
+        if full {
+            let o = st.open.remove(&at).expect("checked");
+            st.sealed.push_back((at.clone(), o));
+        }
+        let open = st.open.entry(at).or_insert_with(|| Open {
+            builder: BatchBuilder::default(),
+            receipts: Vec::new(),
+            since: Instant::now(),
+            queued: 0,
+        });
+        let before = open.builder.encoded_len();
         open.builder.push(RecordInput {
             timestamp: TimestampMs::now(),
             key,
             value: Some(value),
             headers,
         });
+        let grown = open.builder.encoded_len() - before;
         open.receipts.push(tx);
+        open.queued += grown;
+        st.queued += grown;
         cv.notify_all();
         Ok(RecordReceipt { rx })
     }
@@ -691,7 +735,7 @@ impl Producer {
             o.since = Instant::now() - Duration::from_secs(3600);
         }
         cv.notify_all();
-        while !st.open.is_empty() {
+        while !st.open.is_empty() || !st.sealed.is_empty() {
             st = cv
                 .wait_timeout(st, Duration::from_millis(5))
                 .expect("lock")
@@ -746,11 +790,16 @@ fn send_loop(
                     })
                     .map(|(k, _)| k.clone())
                     .collect();
+                // Full batches first: each went before its partition's open one.
+                let sealed: Vec<_> = st.sealed.drain(..).collect();
+                due.extend(sealed);
                 for k in ready {
                     if let Some(o) = st.open.remove(&k) {
                         due.push((k, o));
                     }
                 }
+                let taken: usize = due.iter().map(|(_, o)| o.queued).sum();
+                st.queued -= taken;
                 if !due.is_empty() || !inflight.is_empty() || (st.closing && st.open.is_empty()) {
                     break;
                 }

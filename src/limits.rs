@@ -159,7 +159,8 @@ pub const COLD_READ_BUFFERS_PER_SHARD: usize = 8;
 /// Longest a fetch may wait for data at the tail.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 
-/// How often each shard applies retention to its partitions.
+/// How often each partition's group-commit driver applies retention (it also does
+/// after every roll).
 pub const RETENTION_CHECK_MS: u64 = 10_000;
 
 /// How long an executor spins looking for work before it parks in io_uring: a

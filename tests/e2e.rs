@@ -1020,3 +1020,162 @@ fn large_fetch_responses_arrive_whole_and_in_order() {
     busy.join().unwrap();
     b.stop();
 }
+
+/// Retention by age reaches a partition nobody writes to any more (the periodic
+/// check in its group-commit driver), keeps the tail readable, and a topic deleted
+/// afterwards leaves no file behind.
+#[test]
+fn age_retention_expires_an_idle_partition_and_delete_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    let cfg = TopicConfig {
+        partitions: 1,
+        segment_bytes: Some(64 * 1024),
+        retention_ms: Some(1_000),
+        ..TopicConfig::default()
+    };
+    c.create_topic("aged", cfg).unwrap();
+    // Batches well inside the topic's 64 KiB segments.
+    let producer = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            batch_bytes: 16 * 1024,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let value = vec![b'v'; 4096];
+    let pending: Vec<_> = (0..100)
+        .map(|_| producer.send("aged", Some(0), None, &value, &[]).unwrap())
+        .collect();
+    producer.flush();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    drop(producer);
+    let latest = c.list_offsets("aged", 0, OffsetSpec::Latest).unwrap();
+    assert_eq!(latest, Offset(100));
+    let part_dir = dir.path().join("topics").join("aged").join("0");
+    let logs = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("log".as_ref()))
+            .count()
+    };
+    assert!(
+        logs(&part_dir) >= 5,
+        "the data should span several segments"
+    );
+    // The producer kept its batches to `batch_bytes` (while its sender was busy,
+    // records went on queueing behind full batches instead of growing them).
+    let mut records = 0;
+    for e in std::fs::read_dir(&part_dir).unwrap() {
+        let path = e.unwrap().path();
+        let Some(base) = path
+            .file_name()
+            .and_then(|n| ringbus::storage::segment::parse_log_name(n.to_str()?))
+        else {
+            continue;
+        };
+        let bytes = std::fs::read(&path).unwrap();
+        ringbus::storage::segment::scan(&bytes, 0, Some(base), |b| {
+            assert!(
+                b.len as usize <= 16 * 1024 + 4096,
+                "a batch of {} bytes",
+                b.len
+            );
+            records += b.record_count;
+        });
+    }
+    assert_eq!(records, 100);
+    // The check runs every 10 s; every sealed segment is past its age by then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let earliest = loop {
+        let e = c.list_offsets("aged", 0, OffsetSpec::Earliest).unwrap();
+        if e > Offset(0) || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(earliest > Offset(0), "nothing expired within 30 s");
+    assert_eq!(
+        c.list_offsets("aged", 0, OffsetSpec::Latest).unwrap(),
+        latest
+    );
+    // What is left reads back whole, from the new log start to the end.
+    let mut consumer = Consumer::new(&b.addr, "aged", 0, earliest).unwrap();
+    let mut next = earliest;
+    while next < latest {
+        let recs = consumer.poll(Duration::from_secs(1)).unwrap();
+        assert!(!recs.is_empty(), "stalled at {next}");
+        for r in recs {
+            assert_eq!(r.offset, next);
+            assert_eq!(r.value.as_deref(), Some(&value[..]));
+            next = Offset(next.0 + 1);
+        }
+    }
+    c.delete_topic("aged").unwrap();
+    assert!(!dir.path().join("topics").join("aged").exists());
+    b.stop();
+}
+
+/// A producer whose broker stops answering holds at most `buffer_bytes` of
+/// records (plus its requests in flight): `send` blocks instead of queueing
+/// without bound, and every record goes out once the broker is back.
+#[test]
+fn a_producer_blocks_once_its_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("bp", topic(1)).unwrap();
+    let config = ProducerConfig {
+        batch_bytes: 16 * 1024,
+        buffer_bytes: 256 * 1024,
+        in_flight: 2,
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(&b.addr, config).unwrap();
+    let pid = b.child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = 2_000;
+    let sender = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let value = vec![b'x'; 4096];
+            let receipts: Vec<_> = (0..total)
+                .map(|_| {
+                    let r = producer.send("bp", Some(0), None, &value, &[]).unwrap();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    r
+                })
+                .collect();
+            receipts
+                .into_iter()
+                .map(|r| r.wait().unwrap().1)
+                .collect::<Vec<_>>()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1_500));
+    let queued = sent.load(Ordering::SeqCst);
+    // 256 KiB buffered, two 16 KiB requests in flight, and whatever the sockets
+    // hold (a few MB at most): far from all 8 MB.
+    assert!(
+        queued < total,
+        "send never blocked ({queued} records queued)"
+    );
+    assert!(queued >= 256 * 1024 / 4200, "only {queued} records queued");
+    signal("-CONT");
+    let offsets = sender.join().unwrap();
+    assert_eq!(offsets.len(), total);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "out of order");
+    b.stop();
+}

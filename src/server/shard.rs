@@ -15,7 +15,7 @@ use crate::protocol::{
     TopicInfo, API_VERSIONS,
 };
 use crate::storage::cold::ReadPool;
-use crate::storage::partition::{apply_retention_shared, prepare_read};
+use crate::storage::partition::prepare_read;
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
 use crate::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
@@ -192,7 +192,6 @@ pub async fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    glommio::spawn_local(shard.clone().retention_loop()).detach();
 
     // Accept until shutdown.
     loop {
@@ -313,19 +312,6 @@ impl Shard {
             );
         }
         Ok(())
-    }
-
-    async fn retention_loop(self: Rc<Self>) {
-        loop {
-            glommio::timer::sleep(Duration::from_millis(limits::RETENTION_CHECK_MS)).await;
-            let slots: Vec<_> = self.partitions.borrow().values().cloned().collect();
-            for slot in slots {
-                let r = apply_retention_shared(&slot.part, TimestampMs::now()).await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "retention failed");
-                }
-            }
-        }
     }
 
     async fn on_message(&self, msg: ShardMsg) {

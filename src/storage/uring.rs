@@ -264,16 +264,24 @@ pub async fn group_commit<B: LogIo>(
 }
 
 /// Makes a spare segment whenever the partition asks for one, and applies retention
-/// after each roll (an expired segment's file then becomes the spare), until the
-/// writer is done.
+/// after each roll (an expired segment's file then becomes the spare) and every
+/// `RETENTION_CHECK_MS` (age limits, idle cold spans), until the writer is done.
+/// Retention runs nowhere else on a served partition, so once the driver has
+/// returned no helper thread is touching its directory (a topic delete removes it).
 async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Watermark) {
     let kicks = part.borrow().spare_kick_watch();
+    let period = Duration::from_millis(limits::RETENTION_CHECK_MS);
+    let mut next_check = Instant::now() + period;
     loop {
         let seen = kicks.get();
+        let periodic = Instant::now() >= next_check;
+        if periodic {
+            next_check = Instant::now() + period;
+        }
         let due = part.borrow_mut().take_retention_due();
-        if due {
+        if due || periodic {
             if let Err(e) = apply_retention_shared(part, TimestampMs::now()).await {
-                tracing::error!(error = %e, "retention after a roll failed");
+                tracing::error!(error = %e, "retention failed");
             }
         }
         if prepare_spare_shared(part).await {
@@ -282,13 +290,17 @@ async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Waterm
         if writer_done.get() >= 1 {
             return;
         }
+        let until_check = next_check.saturating_duration_since(Instant::now());
         futures_lite::future::or(
             async {
                 kicks.wait_for(seen + 1).await.ok();
             },
-            async {
-                writer_done.wait_for(1).await.ok();
-            },
+            futures_lite::future::or(
+                async {
+                    writer_done.wait_for(1).await.ok();
+                },
+                glommio::timer::sleep(until_check),
+            ),
         )
         .await;
     }
