@@ -1630,17 +1630,30 @@ impl<B: LogIo> Segment<B> {
         let start_rel = i
             .checked_sub(1)
             .map_or(0, |j| self.time_index[j].relative_offset);
-        let pos = index::lookup(&self.index, start_rel, self.written_len)
-            .map_or(0, |e| u64::from(e.position));
+        let (pos, first) =
+            index::lookup(&self.index, start_rel, self.written_len).map_or((0, self.base), |e| {
+                (
+                    u64::from(e.position),
+                    Offset(self.base.0 + u64::from(e.relative_offset)),
+                )
+            });
         let mut found = None;
-        let s = scan_while(&self.map[..self.written_len as usize], pos, None, |b| {
-            if b.max_timestamp >= ts {
-                found = Some(b.base_offset);
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        // With the offsets checked: a batch out of sequence (in a sealed segment
+        // kept whole despite damage, a recycled file's earlier batches may follow
+        // its own) ends the scan.
+        let s = scan_while(
+            &self.map[..self.written_len as usize],
+            pos,
+            Some(first),
+            |b| {
+                if b.max_timestamp >= ts {
+                    found = Some(b.base_offset);
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
         if let ScanStop::Invalid(e) = s.stop {
             if found.is_none() {
                 return Err(StorageError::at(&self.path, s.end, e));
