@@ -567,15 +567,34 @@ impl Default for ProducerConfig {
 #[derive(Debug)]
 pub struct RecordReceipt {
     rx: mpsc::Receiver<Result<(u32, Offset), ClientError>>,
+    got: Option<Result<(u32, Offset), ClientError>>,
 }
 
 impl RecordReceipt {
     /// Blocks until the broker acknowledged (or refused) the record; returns its
     /// partition and offset.
     pub fn wait(self) -> Result<(u32, Offset), ClientError> {
-        self.rx
-            .recv()
-            .unwrap_or_else(|_| Err(ClientError::Disconnected("producer closed".into())))
+        match self.got {
+            Some(r) => r,
+            None => self
+                .rx
+                .recv()
+                .unwrap_or_else(|_| Err(ClientError::Disconnected("producer closed".into()))),
+        }
+    }
+
+    /// The answer if it has arrived, without blocking.
+    pub fn try_wait(&mut self) -> Option<&Result<(u32, Offset), ClientError>> {
+        if self.got.is_none() {
+            self.got = match self.rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    Some(Err(ClientError::Disconnected("producer closed".into())))
+                }
+            };
+        }
+        self.got.as_ref()
     }
 }
 
@@ -594,6 +613,8 @@ struct ProducerState {
     sealed: VecDeque<((String, u32), Open)>,
     /// Encoded bytes in `open` and `sealed`.
     queued: usize,
+    /// Batches the sender has taken whose receipts are not answered yet.
+    unanswered: usize,
     closing: bool,
 }
 
@@ -623,6 +644,7 @@ impl Producer {
                 open: HashMap::new(),
                 sealed: VecDeque::new(),
                 queued: 0,
+                unanswered: 0,
                 closing: false,
             }),
             Condvar::new(),
@@ -724,10 +746,11 @@ impl Producer {
         open.queued += grown;
         st.queued += grown;
         cv.notify_all();
-        Ok(RecordReceipt { rx })
+        Ok(RecordReceipt { rx, got: None })
     }
 
-    /// Sends everything queued and waits until the broker answered all of it.
+    /// Sends everything queued and waits until the broker answered all of it:
+    /// when it returns, every receipt of a record sent before it holds its answer.
     pub fn flush(&self) {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().expect("lock");
@@ -735,7 +758,7 @@ impl Producer {
             o.since = Instant::now() - Duration::from_secs(3600);
         }
         cv.notify_all();
-        while !st.open.is_empty() || !st.sealed.is_empty() {
+        while !st.open.is_empty() || !st.sealed.is_empty() || st.unanswered > 0 {
             st = cv
                 .wait_timeout(st, Duration::from_millis(5))
                 .expect("lock")
@@ -800,6 +823,7 @@ fn send_loop(
                 }
                 let taken: usize = due.iter().map(|(_, o)| o.queued).sum();
                 st.queued -= taken;
+                st.unanswered += due.len();
                 if !due.is_empty() || !inflight.is_empty() || (st.closing && st.open.is_empty()) {
                     break;
                 }
@@ -827,17 +851,20 @@ fn send_loop(
                 batches: Bytes::from(o.builder.finish()),
             };
             while inflight.len() >= config.in_flight {
-                finish_one(addr, &mut conn, &mut inflight, config);
+                finish_one(addr, &mut conn, &mut inflight, state);
             }
             match send_with_retry(addr, &mut conn, &req, config.retries) {
                 Ok(pending) => inflight.push_back((pending, o.receipts, req, config.retries)),
-                Err(e) => o.receipts.into_iter().for_each(|r| {
-                    let _ = r.send(Err(e.clone()));
-                }),
+                Err(e) => {
+                    o.receipts.into_iter().for_each(|r| {
+                        let _ = r.send(Err(e.clone()));
+                    });
+                    answered(state);
+                }
             }
         }
         if !inflight.is_empty() {
-            finish_one(addr, &mut conn, &mut inflight, config);
+            finish_one(addr, &mut conn, &mut inflight, state);
         }
     }
 }
@@ -871,11 +898,20 @@ fn send_with_retry(
     Err(last.unwrap_or_else(|| ClientError::Disconnected("no attempt".into())))
 }
 
+/// One taken batch's receipts now hold their answers: `flush` may be waiting.
+fn answered(state: &(Mutex<ProducerState>, Condvar)) {
+    let (lock, cv) = state;
+    lock.lock().expect("lock").unanswered -= 1;
+    cv.notify_all();
+}
+
+/// Waits for the oldest request in flight and answers its receipts, or sends it
+/// again when it failed in a way a retry may fix.
 fn finish_one(
     addr: &str,
     conn: &mut Option<Connection>,
     inflight: &mut std::collections::VecDeque<InFlight>,
-    _config: &ProducerConfig,
+    state: &(Mutex<ProducerState>, Condvar),
 ) {
     let Some((pending, receipts, req, retries)) = inflight.pop_front() else {
         return;
@@ -904,6 +940,7 @@ fn finish_one(
     for (i, r) in receipts.into_iter().enumerate() {
         let _ = r.send(result.clone().map(|(p, base)| (p, base.plus(i as u64))));
     }
+    answered(state);
 }
 
 #[cfg(test)]

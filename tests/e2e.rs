@@ -1179,3 +1179,46 @@ fn a_producer_blocks_once_its_buffer_is_full() {
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "out of order");
     b.stop();
 }
+
+/// `flush` returns only once every record sent before it is answered: each
+/// receipt holds its offset at once, and the offsets cover each partition.
+#[test]
+fn flush_returns_once_every_receipt_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("fl", topic(2)).unwrap();
+    let producer = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            batch_bytes: 16 * 1024,
+            in_flight: 4,
+            durability: Durability::Fsync,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let value = vec![b'f'; 1000];
+    let total = 3_000u32;
+    let mut receipts: Vec<_> = (0..total)
+        .map(|i| producer.send("fl", Some(i % 2), None, &value, &[]).unwrap())
+        .collect();
+    producer.flush();
+    let mut offsets = [Vec::new(), Vec::new()];
+    for (i, r) in receipts.iter_mut().enumerate() {
+        let got = r.try_wait();
+        let Some(Ok((p, o))) = got else {
+            panic!("receipt {i} not answered after flush: {got:?}");
+        };
+        assert_eq!(*p, i as u32 % 2);
+        offsets[*p as usize].push(o.0);
+    }
+    for o in offsets {
+        assert_eq!(o, (0..u64::from(total / 2)).collect::<Vec<_>>());
+    }
+    // A flush with nothing queued returns at once, and a receipt read early still
+    // gives its answer to `wait`.
+    producer.flush();
+    let last = receipts.pop().unwrap().wait().unwrap();
+    assert_eq!(last, (1, Offset(u64::from(total / 2) - 1)));
+    b.stop();
+}
