@@ -1866,3 +1866,97 @@ fn segdump_stops_at_a_recycled_files_earlier_contents() {
     );
     assert!(!text.contains("INVALID"), "{text}");
 }
+
+/// Makes a file immutable (`chattr +i`: even root cannot unlink it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(path: std::path::PathBuf) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "chattr +i {} failed (needs ext4 and e2fsprogs)",
+            path.display()
+        );
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A retention pass that cannot remove an expired segment stops there, and the
+/// next passes retry it before removing any newer segment: the directory never
+/// holds an expired segment, a hole, then newer ones (which recovery would read
+/// as a gap, or as an unfinished flush that drops every later segment).
+#[test]
+fn a_failed_retirement_is_retried_before_any_newer_segment_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, _) = open(dir.path(), small_config());
+    for i in 0..300 {
+        append(&mut p, &batch(&format!("a{i}"), 1, 1000, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    drop(p);
+    let cfg = PartitionConfig {
+        retention_bytes: Some(100 * 1024),
+        ..small_config()
+    };
+    let (mut p, _) = open(dir.path(), cfg.clone());
+    let first = p.segment_bases()[0];
+    let log = ringbus::storage::segment::log_path(dir.path(), first);
+    let stuck = Immutable::new(log.clone());
+    let on_disk = || {
+        let mut bases: Vec<Offset> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".log")?.parse().ok().map(Offset)
+            })
+            .collect();
+        bases.sort();
+        bases
+    };
+    assert!(p.apply_retention(TimestampMs(1_000)).is_err());
+    let after_first = on_disk();
+    assert_eq!(after_first[0], first);
+    // More segments expire; every pass fails at the same file and removes nothing.
+    for round in 0..3 {
+        for i in 0..100 {
+            append(&mut p, &batch(&format!("b{round}-{i}"), 1, 1000, 1_000));
+        }
+        p.flush_blocking().unwrap();
+        assert!(p.apply_retention(TimestampMs(1_000)).is_err());
+        let now = on_disk();
+        assert!(
+            after_first.iter().all(|b| now.contains(b)),
+            "a newer segment went while an older expired one stayed: {after_first:?} -> {now:?}"
+        );
+    }
+    let next = p.next_offset();
+    // Once the file can go, the next pass retires the leftovers, oldest first.
+    drop(stuck);
+    let r = p.apply_retention(TimestampMs(1_000)).unwrap();
+    assert!(!log.exists(), "the stuck segment was not retried");
+    assert!(r.new_log_start > first, "{r:?}");
+    let start = p.log_start();
+    assert_eq!(on_disk()[0], start, "files older than the log start remain");
+    drop(p);
+    let (q, rep) = open(dir.path(), cfg);
+    assert!(rep.corruptions.is_empty(), "{rep:?}");
+    assert_eq!(rep.truncated_bytes, 0, "{rep:?}");
+    assert_eq!((q.log_start(), q.next_offset()), (start, next));
+    let got = read_all(&q, start);
+    assert_eq!(got.len() as u64, next.0 - start.0);
+    assert!(got.iter().zip(start.0..).all(|((o, _), want)| o.0 == want));
+}

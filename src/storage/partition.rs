@@ -378,6 +378,10 @@ pub struct Partition<B: LogIo> {
     /// it has run, retention leaves them alone: a cut that ran after the file was
     /// recycled would shorten the next segment's file.
     cutting: Vec<Offset>,
+    /// Expired segments, oldest first, whose files a failed retirement left in the
+    /// directory: the next pass retires them before any newer segment, so the
+    /// directory never holds an expired segment, a hole, then newer ones.
+    unretired: Vec<(Offset, MapWatch)>,
     /// Buffers for cold reads (`storage::cold`); `None` faults the maps in instead.
     read_pool: Option<ReadPool>,
     /// What the cold read tasks touch without borrowing the partition.
@@ -640,6 +644,7 @@ impl<B: LogIo> Partition<B> {
             dir_unsynced: false,
             trims: Vec::new(),
             cutting: Vec::new(),
+            unretired: Vec::new(),
             read_pool: None,
             cold: Rc::new(ColdState {
                 reads: RefCell::new(Vec::new()),
@@ -1570,13 +1575,29 @@ impl<B: LogIo> Partition<B> {
     /// say so. Never deletes the active segment.
     pub fn apply_retention(&mut self, now: TimestampMs) -> Result<RetentionReport, StorageError> {
         let (mut report, gone) = self.take_expired(now);
-        let (removed, recycled) = retire_segments(&gone);
+        let (retired, removed, recycled) = retire_segments(&gone);
         report.segments_recycled = usize::from(matches!(recycled, Some(Ok(_))));
         if gone.recycle.is_some() {
             self.complete_recycle(recycled);
         }
-        removed?;
-        Ok(report)
+        self.keep_unretired(gone, retired, &removed);
+        removed.map(|()| report)
+    }
+
+    /// After a failed retirement: the segments from the failed one on stay on disk,
+    /// to be retired first by the next pass.
+    fn keep_unretired(
+        &mut self,
+        mut gone: Expired,
+        retired: usize,
+        removed: &Result<(), StorageError>,
+    ) {
+        if let Err(e) = removed {
+            let left = gone.segments.split_off(retired.min(gone.segments.len()));
+            tracing::warn!(dir = %self.dir.display(), segments = left.len(), error = %e,
+                "expired segments left on disk; the next retention pass retries them first");
+            self.unretired = left;
+        }
     }
 
     /// The decision half of [`Partition::apply_retention`]: drops the expired
@@ -1587,9 +1608,10 @@ impl<B: LogIo> Partition<B> {
     /// segments").
     fn take_expired(&mut self, now: TimestampMs) -> (RetentionReport, Expired) {
         let mut report = RetentionReport::default();
+        // Those a failed pass left go first.
         let mut gone = Expired {
             dir: self.dir.clone(),
-            segments: Vec::new(),
+            segments: std::mem::take(&mut self.unretired),
             recycle: None,
         };
         // How many of the oldest segments the limits expire.
@@ -1861,12 +1883,15 @@ fn retire_plan(gone: &Expired) -> Vec<Retire> {
 /// bytes keep its map. Each step is made durable (the directory synced) before the
 /// next, and the first failure stops the rest, so whatever a crash or an error
 /// leaves is the newest expired segments, whole, in front of the log: they come
-/// back at the next open and retention expires them again. Returns the removals'
-/// outcome and, when recycling was asked, the spare (`None`: every map was still
-/// read, or a removal before it failed).
+/// back at the next open and retention expires them again (and, until then, the
+/// next pass retires them first: `Partition::keep_unretired`). Returns how many
+/// segments (oldest first) are gone, the removals' outcome and, when recycling was
+/// asked, the spare (`None`: every map was still read, or a removal before it
+/// failed).
 fn retire_segments(
     gone: &Expired,
 ) -> (
+    usize,
     Result<(), StorageError>,
     Option<Result<SpareSegment, StorageError>>,
 ) {
@@ -1874,6 +1899,7 @@ fn retire_segments(
     let started = Instant::now();
     let mut spare = None;
     let mut removed = Ok(());
+    let mut retired = 0;
     for step in retire_plan(gone) {
         match step {
             Retire::Recycle(base) => {
@@ -1898,11 +1924,12 @@ fn retire_segments(
                 }
             }
         }
+        retired += 1;
     }
     tracing::debug!(dir = %dir.display(), segments = gone.segments.len(),
         recycled = matches!(spare, Some(Ok(_))), took_us = started.elapsed().as_micros() as u64,
         "expired segments retired");
-    (removed, spare)
+    (retired, removed, spare)
 }
 
 /// Removes the segment at `base`'s files (those left) and syncs `dir`.
@@ -1925,13 +1952,19 @@ pub async fn apply_retention_shared<B: LogIo>(
     }
     let io = part.borrow().io.clone();
     let asked = gone.recycle.is_some();
-    let (removed, recycled) = io.run_blocking(move || retire_segments(&gone)).await;
+    let (gone, retired, removed, recycled) = io
+        .run_blocking(move || {
+            let (retired, removed, recycled) = retire_segments(&gone);
+            (gone, retired, removed, recycled)
+        })
+        .await;
     report.segments_recycled = usize::from(matches!(recycled, Some(Ok(_))));
+    let mut p = part.borrow_mut();
     if asked {
-        part.borrow_mut().complete_recycle(recycled);
+        p.complete_recycle(recycled);
     }
-    removed?;
-    Ok(report)
+    p.keep_unretired(gone, retired, &removed);
+    removed.map(|()| report)
 }
 
 /// Makes the spare segment a shared partition wants, if it wants one, on a helper
