@@ -781,12 +781,15 @@ impl Drop for Producer {
     }
 }
 
-type InFlight = (
-    PendingReply,
-    Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
-    Request,
-    u32,
-);
+/// A produce request the sender owes an answer to: its records' receipts, and the
+/// sends it has left.
+struct Outgoing {
+    receipts: Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
+    req: Request,
+    retries: u32,
+}
+
+type InFlight = (PendingReply, Outgoing);
 
 fn send_loop(
     addr: &str,
@@ -796,7 +799,7 @@ fn send_loop(
 ) {
     let (lock, cv) = state;
     let mut conn = Some(conn);
-    let mut inflight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    let mut inflight: VecDeque<InFlight> = std::collections::VecDeque::new();
     loop {
         // Take every batch that is due.
         let mut due = Vec::new();
@@ -821,8 +824,9 @@ fn send_loop(
                         due.push((k, o));
                     }
                 }
-                let taken: usize = due.iter().map(|(_, o)| o.queued).sum();
-                st.queued -= taken;
+                // Their bytes stay counted in `queued` until they are sent, so
+                // batches waiting for a free slot in flight count against
+                // `buffer_bytes` too.
                 st.unanswered += due.len();
                 if !due.is_empty() || !inflight.is_empty() || (st.closing && st.open.is_empty()) {
                     break;
@@ -853,15 +857,28 @@ fn send_loop(
             while inflight.len() >= config.in_flight {
                 finish_one(addr, &mut conn, &mut inflight, state);
             }
-            match send_with_retry(addr, &mut conn, &req, config.retries) {
-                Ok(pending) => inflight.push_back((pending, o.receipts, req, config.retries)),
-                Err(e) => {
-                    o.receipts.into_iter().for_each(|r| {
-                        let _ = r.send(Err(e.clone()));
-                    });
-                    answered(state);
+            let out = Outgoing {
+                receipts: o.receipts,
+                req,
+                retries: config.retries,
+            };
+            let sent = match conn.as_ref().filter(|c| !c.is_closed()) {
+                Some(c) => c.send(&out.req).ok(),
+                None => None,
+            };
+            match sent {
+                Some(pending) => inflight.push_back((pending, out)),
+                // The connection is gone: whatever is in flight on it goes again
+                // first, then this one.
+                None => {
+                    let mut todo = take_all(&mut inflight);
+                    todo.push_back(out);
+                    resend(addr, &mut conn, &mut inflight, todo, state);
                 }
             }
+            let (lock, cv) = state;
+            lock.lock().expect("lock").queued -= o.queued;
+            cv.notify_all();
         }
         if !inflight.is_empty() {
             finish_one(addr, &mut conn, &mut inflight, state);
@@ -869,33 +886,79 @@ fn send_loop(
     }
 }
 
-fn send_with_retry(
+/// The requests in flight, oldest first, without their pending answers.
+fn take_all(inflight: &mut VecDeque<InFlight>) -> VecDeque<Outgoing> {
+    inflight.drain(..).map(|(_, o)| o).collect()
+}
+
+/// Sends `todo` (every request that was in flight, and any new one after them)
+/// again, on a new connection and in its order. A request whose connection failed may or may not have been
+/// appended (at-least-once), but no batch overtakes an older one of its partition:
+/// requests still in flight on the failed connection are not left to be retried
+/// after newer ones. Each attempt spends one of a request's retries; a request with
+/// none left fails its receipts.
+fn resend(
     addr: &str,
     conn: &mut Option<Connection>,
-    req: &Request,
-    retries: u32,
-) -> Result<PendingReply, ClientError> {
-    let mut last = None;
-    for attempt in 0..=retries {
-        if conn.as_ref().is_none_or(Connection::is_closed) {
-            match Connection::connect(addr) {
-                Ok(c) => *conn = Some(c),
+    inflight: &mut VecDeque<InFlight>,
+    mut todo: VecDeque<Outgoing>,
+    state: &(Mutex<ProducerState>, Condvar),
+) {
+    debug_assert!(inflight.is_empty(), "take_all first");
+    let mut attempt = 0u32;
+    let mut last = ClientError::Disconnected("connection lost".into());
+    while !todo.is_empty() {
+        *conn = None;
+        // Requests out of retries fail; the others spend one on this attempt.
+        for o in std::mem::take(&mut todo) {
+            if o.retries == 0 {
+                fail(o, &last, state);
+            } else {
+                todo.push_back(Outgoing {
+                    retries: o.retries - 1,
+                    ..o
+                });
+            }
+        }
+        if todo.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(50 << attempt.min(5)));
+        }
+        attempt += 1;
+        let c = match Connection::connect(addr) {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        while let Some(o) = todo.pop_front() {
+            match c.send(&o.req) {
+                Ok(p) => inflight.push_back((p, o)),
                 Err(e) => {
-                    last = Some(e);
-                    thread::sleep(Duration::from_millis(50 << attempt.min(5)));
-                    continue;
+                    // This connection failed too: everything sent on it goes again.
+                    last = e;
+                    todo.push_front(o);
+                    let mut sent = take_all(inflight);
+                    sent.append(&mut todo);
+                    todo = sent;
+                    break;
                 }
             }
         }
-        match conn.as_ref().expect("connected").send(req) {
-            Ok(p) => return Ok(p),
-            Err(e) => {
-                last = Some(e);
-                *conn = None;
-            }
+        if todo.is_empty() {
+            *conn = Some(c);
         }
     }
-    Err(last.unwrap_or_else(|| ClientError::Disconnected("no attempt".into())))
+}
+
+fn fail(o: Outgoing, e: &ClientError, state: &(Mutex<ProducerState>, Condvar)) {
+    for r in o.receipts {
+        let _ = r.send(Err(e.clone()));
+    }
+    answered(state);
 }
 
 /// One taken batch's receipts now hold their answers: `flush` may be waiting.
@@ -910,10 +973,10 @@ fn answered(state: &(Mutex<ProducerState>, Condvar)) {
 fn finish_one(
     addr: &str,
     conn: &mut Option<Connection>,
-    inflight: &mut std::collections::VecDeque<InFlight>,
+    inflight: &mut VecDeque<InFlight>,
     state: &(Mutex<ProducerState>, Condvar),
 ) {
-    let Some((pending, receipts, req, retries)) = inflight.pop_front() else {
+    let Some((pending, out)) = inflight.pop_front() else {
         return;
     };
     let result = match pending.wait() {
@@ -924,20 +987,17 @@ fn finish_one(
         Ok(other) => Err(ClientError::Protocol(format!(
             "unexpected response {other:?}"
         ))),
-        Err(e) if e.is_retriable() && retries > 0 => {
-            // The request may or may not have been appended (at-least-once).
-            *conn = None;
-            match send_with_retry(addr, conn, &req, retries - 1) {
-                Ok(p) => {
-                    inflight.push_front((p, receipts, req, retries - 1));
-                    return;
-                }
-                Err(e) => Err(e),
-            }
+        Err(e) if e.is_retriable() && out.retries > 0 => {
+            // The connection failed (or the answer is late): this request and every
+            // one after it go again, in order.
+            let mut todo = take_all(inflight);
+            todo.push_front(out);
+            resend(addr, conn, inflight, todo, state);
+            return;
         }
         Err(e) => Err(e),
     };
-    for (i, r) in receipts.into_iter().enumerate() {
+    for (i, r) in out.receipts.into_iter().enumerate() {
         let _ = r.send(result.clone().map(|(p, base)| (p, base.plus(i as u64))));
     }
     answered(state);

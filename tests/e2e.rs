@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1145,7 +1145,7 @@ fn a_producer_blocks_once_its_buffer_is_full() {
             .success());
     };
     signal("-STOP");
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
     let total = 2_000;
     let sender = {
         let sent = sent.clone();
@@ -1220,5 +1220,105 @@ fn flush_returns_once_every_receipt_is_answered() {
     producer.flush();
     let last = receipts.pop().unwrap().wait().unwrap();
     assert_eq!(last, (1, Offset(u64::from(total / 2) - 1)));
+    b.stop();
+}
+
+/// A loopback proxy to `target` that cuts its first connection (both ways) once
+/// `cut_after` bytes went from the client to the broker; later connections pass.
+/// Returns its address and the count of connections it took.
+fn cutting_proxy(target: String, cut_after: usize) -> (String, Arc<AtomicUsize>) {
+    use std::net::{Shutdown, TcpListener};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let taken = count.clone();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            taken.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect(&target) else {
+                return;
+            };
+            let limit = if n == 0 { cut_after } else { usize::MAX };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            // Broker to client, as it comes.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (s2, c2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Both);
+            });
+            // Client to broker, up to the limit.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (client, server);
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut passed = 0;
+                while let Ok(k) = from.read(&mut buf) {
+                    let k = k.min(limit - passed);
+                    if k == 0 || to.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    passed += k;
+                }
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// When the connection fails with requests in flight, the producer sends them all
+/// again in order before anything newer: a record may be stored twice
+/// (at-least-once), but none lands before an older record of its partition was
+/// stored, and every acknowledged record is there.
+#[test]
+fn a_lost_connection_resends_in_flight_batches_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("rs", topic(1)).unwrap();
+    let (proxy, connections) = cutting_proxy(b.addr.clone(), 600 * 1024);
+    let producer = Producer::new(
+        &proxy,
+        ProducerConfig {
+            batch_bytes: 16 * 1024,
+            in_flight: 8,
+            linger: Duration::from_millis(1),
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let total = 3_000u32;
+    let receipts: Vec<_> = (0..total)
+        .map(|i| {
+            let mut v = format!("{i:08}").into_bytes();
+            v.resize(1000, b'.');
+            producer.send("rs", Some(0), None, &v, &[]).unwrap()
+        })
+        .collect();
+    producer.flush();
+    for (i, r) in receipts.into_iter().enumerate() {
+        r.wait()
+            .unwrap_or_else(|e| panic!("record {i} was not acknowledged: {e}"));
+    }
+    let stored: Vec<u32> = read_partition(&b.addr, "rs", 0)
+        .iter()
+        .map(|(_, v)| std::str::from_utf8(&v[..8]).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        connections.load(Ordering::SeqCst) >= 2,
+        "the producer never reconnected"
+    );
+    // First occurrences, in log order, must be 0, 1, 2, ...
+    let mut seen = vec![false; total as usize];
+    let mut firsts = Vec::new();
+    for &v in &stored {
+        if !std::mem::replace(&mut seen[v as usize], true) {
+            firsts.push(v);
+        }
+    }
+    assert_eq!(firsts.len(), total as usize, "records lost");
+    if let Some(w) = firsts.windows(2).find(|w| w[1] != w[0] + 1) {
+        panic!("record {} was stored before record {}", w[1], w[0] + 1);
+    }
     b.stop();
 }
