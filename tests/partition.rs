@@ -387,6 +387,28 @@ fn cold_spans_give_their_buffers_back() {
     );
 }
 
+/// A partition whose driver ended (fenced) gives its cold spans' buffers back at
+/// once, and reads on through the maps.
+#[test]
+fn stopped_cold_reads_give_every_buffer_back_and_reads_go_on() {
+    use ringbus::storage::partition::prepare_read;
+    let log = ColdLog::new(256 * 1024, 300, |i| batch(&format!("s{i}"), 3, 700, 1_000));
+    let (q, pool) = log.reopen(8);
+    let _ = futures_lite::future::block_on(prepare_read(&q, Offset(0), 32 * 1024));
+    assert!(pool.allocated() > pool.free(), "no cold span was read");
+    q.borrow_mut().stop_cold_reads();
+    assert_eq!(pool.free(), pool.allocated(), "a cold span kept its buffer");
+    let before = pool.allocated();
+    let (got, _) = read_all_prepared(&q, 32 * 1024);
+    assert_eq!(got.len(), 900);
+    assert_eq!(
+        pool.allocated(),
+        before,
+        "a read took a buffer after the stop"
+    );
+    assert_eq!(pool.free(), pool.allocated());
+}
+
 /// A batch corrupted on disk is caught when a cold span serves it (CRC), as a
 /// typed error, never served.
 #[test]

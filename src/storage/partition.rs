@@ -901,6 +901,17 @@ impl<B: LogIo> Partition<B> {
         self.read_pool = Some(pool);
     }
 
+    /// Gives every cold span's buffer back to the shard's pool and reads through
+    /// the maps from here on: for a partition whose driver has ended (fenced), since
+    /// nothing would expire its idle spans any more.
+    pub fn stop_cold_reads(&mut self) {
+        self.read_pool = None;
+        for at in self.cold_spans.clone() {
+            self.drop_cold_span(at);
+        }
+        self.cold_used = None;
+    }
+
     /// What a read from `from` of about `max_bytes` needs first: the cold read of
     /// the span that holds the batch with `from` (`Segment::cold_plan_at`, after the
     /// spans that end before it). Looks at the first segment the read touches.
@@ -1004,6 +1015,8 @@ impl<B: LogIo> Partition<B> {
     /// map serves that position (and reports a real problem with the file itself).
     fn complete_cold_read(&mut self, r: &ColdRead, got: std::io::Result<Bytes>) -> bool {
         let kept = match got {
+            // Cold reads were stopped while this one ran: its buffer goes back.
+            Ok(_) if self.read_pool.is_none() => false,
             Ok(bytes) => self
                 .segment_at_mut(r.base)
                 .is_some_and(|seg| seg.install_cold(r.pos, bytes)),

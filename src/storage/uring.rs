@@ -265,7 +265,9 @@ pub async fn group_commit<B: LogIo>(
 
 /// Makes a spare segment whenever the partition asks for one, and applies retention
 /// after each roll (an expired segment's file then becomes the spare) and every
-/// `RETENTION_CHECK_MS` (age limits, idle cold spans), until the writer is done.
+/// `RETENTION_CHECK_MS` (age limits, idle cold spans), until the writer is done
+/// (stopped or fenced: a fenced partition keeps its files as they are until it is
+/// reopened, and reads through its maps).
 /// Retention runs nowhere else on a served partition, so once the driver has
 /// returned no helper thread is touching its directory (a topic delete removes it).
 async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Watermark) {
@@ -288,6 +290,10 @@ async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Waterm
             continue;
         }
         if writer_done.get() >= 1 {
+            // Stopped, or fenced: a fenced partition still serves reads, but
+            // nothing runs this loop's periodic work for it any more, so its cold
+            // spans would keep the shard's read buffers for good.
+            part.borrow_mut().stop_cold_reads();
             return;
         }
         let until_check = next_check.saturating_duration_since(Instant::now());
