@@ -1322,3 +1322,54 @@ fn a_lost_connection_resends_in_flight_batches_in_order() {
     }
     b.stop();
 }
+
+/// A delete that fails partway (a file that cannot be removed) reports the error
+/// and leaves the topic gone; a topic created again under that name starts empty
+/// instead of recovering what the failed delete left.
+#[test]
+fn a_topic_created_after_a_failed_delete_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    c.create_topic("again", topic(1)).unwrap();
+    let p = Producer::new(&b.addr, ProducerConfig::default()).unwrap();
+    for i in 0..50u32 {
+        p.send("again", Some(0), None, format!("old{i}").as_bytes(), &[])
+            .unwrap();
+    }
+    p.flush();
+    drop(p);
+    let seg = dir
+        .path()
+        .join("topics/again/0")
+        .join(format!("{:020}.log", 0));
+    let chattr = |flag: &str| {
+        Command::new("chattr")
+            .arg(flag)
+            .arg(&seg)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(chattr("+i"), "chattr +i failed (needs ext4 and e2fsprogs)");
+    let deleted = c.delete_topic("again");
+    assert!(chattr("-i"));
+    assert!(
+        deleted.is_err(),
+        "the delete could not have removed every file"
+    );
+    assert!(seg.exists());
+    assert!(c.list_topics().unwrap().iter().all(|t| t.name != "again"));
+    c.create_topic("again", topic(1)).unwrap();
+    assert_eq!(
+        c.list_offsets("again", 0, OffsetSpec::Latest).unwrap(),
+        Offset(0),
+        "the new topic recovered the old one's records"
+    );
+    let p = Producer::new(&b.addr, ProducerConfig::default()).unwrap();
+    let r = p.send("again", Some(0), None, b"new", &[]).unwrap();
+    assert_eq!(r.wait().unwrap(), (0, Offset(0)));
+    drop(p);
+    let got = read_partition(&b.addr, "again", 0);
+    assert_eq!(got, vec![(Offset(0), b"new".to_vec())]);
+    b.stop();
+}

@@ -724,6 +724,25 @@ impl Shard {
     async fn apply_catalog(&self, change: CatalogChange) -> Result<(), String> {
         match change {
             CatalogChange::Create { name, config } => {
+                // A new topic starts empty: whatever an earlier topic of this name
+                // left (a delete that failed partway) goes first, or it would be
+                // recovered as this topic's data.
+                for p in 0..config.partitions {
+                    if owner(&name, p, self.shared.shards) != self.id {
+                        continue;
+                    }
+                    let dir = catalog::partition_dir(&self.shared.config.data_dir, &name, p);
+                    let d = dir.clone();
+                    let removed = self
+                        .io
+                        .run_blocking(move || std::fs::remove_dir_all(d))
+                        .await;
+                    if let Err(e) = removed {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            return Err(format!("remove leftover {}: {e}", dir.display()));
+                        }
+                    }
+                }
                 self.catalog
                     .borrow_mut()
                     .topics

@@ -576,6 +576,11 @@ impl<B: LogIo> Partition<B> {
                         .removed_files
                         .extend(segment::remove_files(&dir, later)?);
                 }
+                // Durably, before this segment takes new data: were the removals
+                // lost in a crash, the old segments would come back after the
+                // new data and overlap it.
+                crate::storage::io::sync_dir(&dir)
+                    .map_err(|e| StorageError::io("fsync dir", &dir, e))?;
                 tracing::warn!(
                     segment = %segment::log_path(&dir, base).display(), dropped_segments = bases.len() - i - 1,
                     "segment was not fully written before a crash; later segments held only unacknowledged data"
