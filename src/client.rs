@@ -687,7 +687,8 @@ impl Producer {
     }
 
     /// Queues one record. `partition` wins over `key`; with neither, records go to
-    /// partition 0. Blocks while `buffer_bytes` of records wait to be sent.
+    /// partition 0. Blocks while `buffer_bytes` of records wait to be sent (and
+    /// sends the open batches meanwhile, whatever their linger).
     pub fn send(
         &self,
         topic: &str,
@@ -713,6 +714,11 @@ impl Producer {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().expect("lock");
         while !st.closing && st.queued > 0 && st.queued + size > self.buffer_bytes {
+            // The buffer is full: open batches go now instead of after their
+            // linger, which could be longer than the sender needs to make room.
+            let due = Instant::now() - Duration::from_secs(3600);
+            st.open.values_mut().for_each(|o| o.since = due);
+            cv.notify_all();
             st = cv.wait(st).expect("lock");
         }
         if st.closing {

@@ -1373,3 +1373,40 @@ fn a_topic_created_after_a_failed_delete_starts_empty() {
     assert_eq!(got, vec![(Offset(0), b"new".to_vec())]);
     b.stop();
 }
+
+/// A full buffer sends the open batches at once: with a linger far longer than
+/// the run, `send` still goes on as fast as the broker answers.
+#[test]
+fn a_full_buffer_sends_open_batches_before_their_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("full", topic(1)).unwrap();
+    let linger = Duration::from_secs(30);
+    let producer = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            batch_bytes: 1 << 20,
+            buffer_bytes: 64 * 1024,
+            linger,
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let value = vec![b'v'; 1000];
+    let receipts: Vec<_> = (0..1_000)
+        .map(|_| producer.send("full", Some(0), None, &value, &[]).unwrap())
+        .collect();
+    // 1 MB through a 64 KiB buffer: at least 15 times the buffer filled.
+    assert!(
+        started.elapsed() < linger,
+        "send waited for the linger when the buffer was full"
+    );
+    producer.flush();
+    let offsets: Vec<u64> = receipts
+        .into_iter()
+        .map(|r| r.wait().unwrap().1 .0)
+        .collect();
+    assert_eq!(offsets, (0..1_000).collect::<Vec<_>>());
+    b.stop();
+}
