@@ -14,7 +14,7 @@ use crate::protocol::{
 use crate::storage::Durability;
 use crate::types::{Offset, TimestampMs};
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -604,6 +604,8 @@ struct Open {
     since: Instant,
     /// What its records added to `ProducerState::queued`.
     queued: usize,
+    /// Its place in the order batches were opened (`ProducerState::outstanding`).
+    seq: u64,
 }
 
 struct ProducerState {
@@ -613,8 +615,11 @@ struct ProducerState {
     sealed: VecDeque<((String, u32), Open)>,
     /// Encoded bytes in `open` and `sealed`.
     queued: usize,
-    /// Batches the sender has taken whose receipts are not answered yet.
-    unanswered: usize,
+    /// Every batch whose receipts are not answered yet (open, sealed, or taken by
+    /// the sender), by `Open::seq`: `flush` waits for those opened before it only,
+    /// so other threads that keep sending cannot hold it up for good.
+    outstanding: BTreeSet<u64>,
+    next_seq: u64,
     closing: bool,
 }
 
@@ -644,7 +649,8 @@ impl Producer {
                 open: HashMap::new(),
                 sealed: VecDeque::new(),
                 queued: 0,
-                unanswered: 0,
+                outstanding: BTreeSet::new(),
+                next_seq: 0,
                 closing: false,
             }),
             Condvar::new(),
@@ -734,12 +740,20 @@ impl Producer {
             let o = st.open.remove(&at).expect("checked");
             st.sealed.push_back((at.clone(), o));
         }
-        let open = st.open.entry(at).or_insert_with(|| Open {
-            builder: BatchBuilder::default(),
-            receipts: Vec::new(),
-            since: Instant::now(),
-            queued: 0,
-        });
+        if !st.open.contains_key(&at) {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.outstanding.insert(seq);
+            let o = Open {
+                builder: BatchBuilder::default(),
+                receipts: Vec::new(),
+                since: Instant::now(),
+                queued: 0,
+                seq,
+            };
+            st.open.insert(at.clone(), o);
+        }
+        let open = st.open.get_mut(&at).expect("just ensured");
         let before = open.builder.encoded_len();
         open.builder.push(RecordInput {
             timestamp: TimestampMs::now(),
@@ -757,14 +771,16 @@ impl Producer {
 
     /// Sends everything queued and waits until the broker answered all of it:
     /// when it returns, every receipt of a record sent before it holds its answer.
+    /// Records other threads send meanwhile do not hold it up.
     pub fn flush(&self) {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().expect("lock");
+        let before = st.next_seq;
         for o in st.open.values_mut() {
             o.since = Instant::now() - Duration::from_secs(3600);
         }
         cv.notify_all();
-        while !st.open.is_empty() || !st.sealed.is_empty() || st.unanswered > 0 {
+        while st.outstanding.first().is_some_and(|&s| s < before) {
             st = cv
                 .wait_timeout(st, Duration::from_millis(5))
                 .expect("lock")
@@ -793,6 +809,7 @@ struct Outgoing {
     receipts: Vec<mpsc::SyncSender<Result<(u32, Offset), ClientError>>>,
     req: Request,
     retries: u32,
+    seq: u64,
 }
 
 type InFlight = (PendingReply, Outgoing);
@@ -833,7 +850,6 @@ fn send_loop(
                 // Their bytes stay counted in `queued` until they are sent, so
                 // batches waiting for a free slot in flight count against
                 // `buffer_bytes` too.
-                st.unanswered += due.len();
                 if !due.is_empty() || !inflight.is_empty() || (st.closing && st.open.is_empty()) {
                     break;
                 }
@@ -867,6 +883,7 @@ fn send_loop(
                 receipts: o.receipts,
                 req,
                 retries: config.retries,
+                seq: o.seq,
             };
             let sent = match conn.as_ref().filter(|c| !c.is_closed()) {
                 Some(c) => c.send(&out.req).ok(),
@@ -964,13 +981,13 @@ fn fail(o: Outgoing, e: &ClientError, state: &(Mutex<ProducerState>, Condvar)) {
     for r in o.receipts {
         let _ = r.send(Err(e.clone()));
     }
-    answered(state);
+    answered(state, o.seq);
 }
 
-/// One taken batch's receipts now hold their answers: `flush` may be waiting.
-fn answered(state: &(Mutex<ProducerState>, Condvar)) {
+/// Batch `seq`'s receipts now hold their answers: `flush` may be waiting.
+fn answered(state: &(Mutex<ProducerState>, Condvar), seq: u64) {
     let (lock, cv) = state;
-    lock.lock().expect("lock").unanswered -= 1;
+    lock.lock().expect("lock").outstanding.remove(&seq);
     cv.notify_all();
 }
 
@@ -1006,7 +1023,7 @@ fn finish_one(
     for (i, r) in out.receipts.into_iter().enumerate() {
         let _ = r.send(result.clone().map(|(p, base)| (p, base.plus(i as u64))));
     }
-    answered(state);
+    answered(state, out.seq);
 }
 
 #[cfg(test)]

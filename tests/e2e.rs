@@ -1410,3 +1410,51 @@ fn a_full_buffer_sends_open_batches_before_their_linger() {
     assert_eq!(offsets, (0..1_000).collect::<Vec<_>>());
     b.stop();
 }
+
+/// `flush` waits for the records sent before it, not for those other threads keep
+/// sending meanwhile.
+#[test]
+fn flush_is_not_held_up_by_other_threads_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("busy", topic(2)).unwrap();
+    let producer = Arc::new(
+        Producer::new(
+            &b.addr,
+            ProducerConfig {
+                linger: Duration::from_millis(2),
+                ..ProducerConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let other = {
+        let (producer, stop, done) = (producer.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(20) {
+                producer.send("busy", Some(1), None, b"other", &[]).unwrap();
+                sent += 1;
+            }
+            done.store(true, Ordering::SeqCst);
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut mine = producer.send("busy", Some(0), None, b"mine", &[]).unwrap();
+    producer.flush();
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "flush returned only once the other thread stopped sending"
+    );
+    assert!(matches!(mine.try_wait(), Some(Ok((0, Offset(0))))));
+    stop.store(true, Ordering::SeqCst);
+    assert!(other.join().unwrap() > 0);
+    producer.flush();
+    b.stop();
+}
