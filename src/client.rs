@@ -548,6 +548,11 @@ pub struct ProducerConfig {
     /// producer to be sent (back-pressure when the broker or the network is slower
     /// than the application).
     pub buffer_bytes: usize,
+    /// How long a request may wait for its answer. Past it the connection counts
+    /// as failed: the request and every one after it go again on a new one (one
+    /// of `retries` each). A request out of retries fails with the last error:
+    /// `Timeout`, or `Connect` when a new connection could not be made either.
+    pub request_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -559,6 +564,7 @@ impl Default for ProducerConfig {
             in_flight: 8,
             retries: 3,
             buffer_bytes: 32 << 20,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -877,7 +883,7 @@ fn send_loop(
                 batches: Bytes::from(o.builder.finish()),
             };
             while inflight.len() >= config.in_flight {
-                finish_one(addr, &mut conn, &mut inflight, state);
+                finish_one(addr, &mut conn, &mut inflight, state, config);
             }
             let out = Outgoing {
                 receipts: o.receipts,
@@ -896,7 +902,8 @@ fn send_loop(
                 None => {
                     let mut todo = take_all(&mut inflight);
                     todo.push_back(out);
-                    resend(addr, &mut conn, &mut inflight, todo, state);
+                    let lost = ClientError::Disconnected("connection lost".into());
+                    resend(addr, &mut conn, &mut inflight, todo, lost, state);
                 }
             }
             let (lock, cv) = state;
@@ -904,7 +911,7 @@ fn send_loop(
             cv.notify_all();
         }
         if !inflight.is_empty() {
-            finish_one(addr, &mut conn, &mut inflight, state);
+            finish_one(addr, &mut conn, &mut inflight, state, config);
         }
     }
 }
@@ -915,7 +922,7 @@ fn take_all(inflight: &mut VecDeque<InFlight>) -> VecDeque<Outgoing> {
 }
 
 /// Sends `todo` (every request that was in flight, and any new one after them)
-/// again, on a new connection and in its order. A request whose connection failed may or may not have been
+/// again, on a new connection and in its order (`why`: what failed). A request whose connection failed may or may not have been
 /// appended (at-least-once), but no batch overtakes an older one of its partition:
 /// requests still in flight on the failed connection are not left to be retried
 /// after newer ones. Each attempt spends one of a request's retries; a request with
@@ -925,11 +932,12 @@ fn resend(
     conn: &mut Option<Connection>,
     inflight: &mut VecDeque<InFlight>,
     mut todo: VecDeque<Outgoing>,
+    why: ClientError,
     state: &(Mutex<ProducerState>, Condvar),
 ) {
     debug_assert!(inflight.is_empty(), "take_all first");
     let mut attempt = 0u32;
-    let mut last = ClientError::Disconnected("connection lost".into());
+    let mut last = why;
     while !todo.is_empty() {
         *conn = None;
         // Requests out of retries fail; the others spend one on this attempt.
@@ -998,11 +1006,12 @@ fn finish_one(
     conn: &mut Option<Connection>,
     inflight: &mut VecDeque<InFlight>,
     state: &(Mutex<ProducerState>, Condvar),
+    config: &ProducerConfig,
 ) {
     let Some((pending, out)) = inflight.pop_front() else {
         return;
     };
-    let result = match pending.wait() {
+    let result = match pending.wait_timeout(config.request_timeout) {
         Ok(Response::Produce {
             partition,
             base_offsets,
@@ -1015,7 +1024,7 @@ fn finish_one(
             // one after it go again, in order.
             let mut todo = take_all(inflight);
             todo.push_front(out);
-            resend(addr, conn, inflight, todo, state);
+            resend(addr, conn, inflight, todo, e, state);
             return;
         }
         Err(e) => Err(e),

@@ -84,6 +84,15 @@ impl Broker {
         Broker::start_with(&dir.join("data"), &args)
     }
 
+    /// Sends the broker a signal (`-STOP`, `-CONT`, ...).
+    fn signal(&self, sig: &str) {
+        let sent = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {sig} failed");
+    }
+
     fn conn(&self) -> Connection {
         Connection::connect(self.addr.as_str()).unwrap()
     }
@@ -1136,14 +1145,7 @@ fn a_producer_blocks_once_its_buffer_is_full() {
         ..ProducerConfig::default()
     };
     let producer = Producer::new(&b.addr, config).unwrap();
-    let pid = b.child.id().to_string();
-    let signal = |sig: &str| {
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let signal = |sig: &str| b.signal(sig);
     signal("-STOP");
     let sent = Arc::new(AtomicUsize::new(0));
     let total = 2_000;
@@ -1456,5 +1458,42 @@ fn flush_is_not_held_up_by_other_threads_sends() {
     stop.store(true, Ordering::SeqCst);
     assert!(other.join().unwrap() > 0);
     producer.flush();
+    b.stop();
+}
+
+/// A broker that stops answering fails a request with `Timeout` once its
+/// `request_timeout` passed; once the broker answers again, the
+/// same producer goes on.
+#[test]
+fn a_request_that_is_never_answered_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    b.conn().create_topic("hung", topic(1)).unwrap();
+    let producer = Producer::new(
+        &b.addr,
+        ProducerConfig {
+            request_timeout: Duration::from_millis(300),
+            // With retries, the last error would be the reconnect's (a stopped
+            // broker's kernel still accepts, but the handshake is not answered).
+            retries: 0,
+            linger: Duration::from_millis(1),
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let signal = |sig: &str| b.signal(sig);
+    signal("-STOP");
+    let r = producer.send("hung", Some(0), None, b"lost", &[]).unwrap();
+    producer.flush();
+    let got = r.wait();
+    signal("-CONT");
+    assert!(
+        matches!(got, Err(ringbus::client::ClientError::Timeout(_))),
+        "{got:?}"
+    );
+    let r = producer.send("hung", Some(0), None, b"after", &[]).unwrap();
+    let (_, at) = r.wait().unwrap();
+    let got = read_partition(&b.addr, "hung", 0);
+    assert_eq!(got.last().unwrap(), &(at, b"after".to_vec()));
     b.stop();
 }
