@@ -629,6 +629,14 @@ struct ProducerState {
     closing: bool,
 }
 
+impl ProducerState {
+    /// Makes every open batch due at once, whatever its linger.
+    fn send_open_now(&mut self) {
+        let due = Instant::now() - Duration::from_secs(3600);
+        self.open.values_mut().for_each(|o| o.since = due);
+    }
+}
+
 /// Batches records per partition by size and linger time and keeps several
 /// requests in flight. Records are routed by explicit partition or by key (Kafka's
 /// murmur2), so keyed records keep their partition.
@@ -728,8 +736,7 @@ impl Producer {
         while !st.closing && st.queued > 0 && st.queued + size > self.buffer_bytes {
             // The buffer is full: open batches go now instead of after their
             // linger, which could be longer than the sender needs to make room.
-            let due = Instant::now() - Duration::from_secs(3600);
-            st.open.values_mut().for_each(|o| o.since = due);
+            st.send_open_now();
             cv.notify_all();
             st = cv.wait(st).expect("lock");
         }
@@ -782,9 +789,7 @@ impl Producer {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().expect("lock");
         let before = st.next_seq;
-        for o in st.open.values_mut() {
-            o.since = Instant::now() - Duration::from_secs(3600);
-        }
+        st.send_open_now();
         cv.notify_all();
         while st.outstanding.first().is_some_and(|&s| s < before) {
             st = cv
@@ -828,7 +833,7 @@ fn send_loop(
 ) {
     let (lock, cv) = state;
     let mut conn = Some(conn);
-    let mut inflight: VecDeque<InFlight> = std::collections::VecDeque::new();
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
     loop {
         // Take every batch that is due.
         let mut due = Vec::new();
@@ -922,11 +927,12 @@ fn take_all(inflight: &mut VecDeque<InFlight>) -> VecDeque<Outgoing> {
 }
 
 /// Sends `todo` (every request that was in flight, and any new one after them)
-/// again, on a new connection and in its order (`why`: what failed). A request whose connection failed may or may not have been
-/// appended (at-least-once), but no batch overtakes an older one of its partition:
-/// requests still in flight on the failed connection are not left to be retried
-/// after newer ones. Each attempt spends one of a request's retries; a request with
-/// none left fails its receipts.
+/// again, on a new connection and in its order (`why`: what failed). A request
+/// whose connection failed may or may not have been appended (at-least-once), but
+/// no batch overtakes an older one of its partition: requests still in flight on
+/// the failed connection are not left to be retried after newer ones. Each attempt
+/// spends one of a request's retries; a request with none left fails its receipts
+/// with the last error.
 fn resend(
     addr: &str,
     conn: &mut Option<Connection>,

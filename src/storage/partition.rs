@@ -1611,7 +1611,7 @@ impl<B: LogIo> Partition<B> {
         removed: &Result<(), StorageError>,
     ) {
         if let Err(e) = removed {
-            let left = gone.segments.split_off(retired.min(gone.segments.len()));
+            let left = gone.segments.split_off(retired);
             tracing::warn!(dir = %self.dir.display(), segments = left.len(), error = %e,
                 "expired segments left on disk; the next retention pass retries them first");
             self.unretired = left;
