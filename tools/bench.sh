@@ -7,7 +7,7 @@
 #
 # Environment: DURATION (default 10s) and WARMUP (2s) per timed scenario;
 # BACKLOG_MSGS (2000000, about 2 GB) for the catch-up scenario; SETTLE_S (30, in
-# seconds) of idle before e, before e's floor and before e-steady; STEADY_RETENTION
+# seconds) of idle before e, before each floor and before e-steady; STEADY_RETENTION
 # (1073741824 bytes) and STEADY_WARMUP (4s) for the steady-state rows.
 #
 # The standard scenarios run on a fresh broker: every segment is a new file. The
@@ -24,7 +24,8 @@
 #   - and, after e and SETTLE_S of idle, e's floor: the device alone at e's rate,
 #     open loop, with an ideal group commit: each message's latency from its
 #     intended send time to durable, as the load generator measures e (no broker,
-#     network or load generator).
+#     network or load generator); and before e-steady, e-steady's floor: the same
+#     over blocks written before, as e-steady's recycled segment files are.
 # Scenarios (1 KB messages unless noted; embedded broker with its default placement):
 #   a  1 producer, 1 partition, batches of 1,000, fsync
 #   b  the same with memory durability
@@ -121,24 +122,34 @@ run e --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 5
 # latency runs from its intended send time to the end of that fdatasync, as the load
 # generator measures e (so a slow write delays every message due meanwhile, and not
 # just one sample). A message's acknowledgement cannot beat it.
-echo "== settling for ${SETTLE_S} s, then e floor: the device alone at e's rate, open loop, ideal group commit, 10 s"
-sleep "$SETTLE_S"
-read -r floor_p50 floor_p99 cycle_p50 cycle_p99 < <(python3 - "$out/floor" "$half" <<'PY'
+# Two forms: FRESH writes only blocks never written, as e's fresh segments do (room
+# for the whole run, fallocated); RECYCLED first writes a STEADY_RETENTION-sized area
+# once and then goes round it, as e-steady's recycled segment files do (overwritten
+# blocks skip ext4's unwritten-extent conversion). Prints p50 p99 of the messages and
+# p50 p99 of the write + fdatasync cycles, in us.
+cat >"$out/floor.py" <<'PY'
 import mmap, os, sys, time
-path, rate = sys.argv[1], float(sys.argv[2])
+path, rate, mode, recycle_area = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 record = 1024 + 32  # a 1 KB message as stored, batch header amortised
 per_batch = max(1.0, min(1000, rate * 500e-6))  # --batch-size 1000, --linger-us 500
 interval = per_batch / rate  # one batch closes every interval
 secs, most = 10, 64 << 20
 bsize = int(per_batch * record)
-# Room for the whole run, so every write lands in blocks never written, as in a
-# fresh segment (overwritten blocks skip the unwritten-extent conversion).
-area = (int(rate * record * (secs + 1)) // 4096 + 1) * 4096
+if mode == "fresh":
+    area = (int(rate * record * (secs + 1)) // 4096 + 1) * 4096
+else:
+    area = max(recycle_area // 4096 * 4096, 4 * most)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
 os.posix_fallocate(fd, 0, area)  # like a segment: allocated, never written
 buf = mmap.mmap(-1, most)  # page-aligned, as O_DIRECT needs
 buf.write(os.urandom(most))
-view, lat, cycles, off, written = memoryview(buf), [], [], 0, 0
+view = memoryview(buf)
+if mode == "recycled":  # every block written once, as in a recycled segment file
+    for o in range(0, area, most):
+        os.pwritev(fd, [view[:min(most, area - o)]], o)
+    os.fdatasync(fd)
+    time.sleep(2)
+lat, cycles, off, written = [], [], 0, 0
 start = time.perf_counter()
 while (now := time.perf_counter()) - start < secs:
     closed = int((now - start) / interval)
@@ -147,7 +158,9 @@ while (now := time.perf_counter()) - start < secs:
         continue
     size = ((closed - written) * bsize + 4095) // 4096 * 4096
     if off + size > area:
-        break  # cannot happen at the planned rate; never overwrite
+        if mode == "fresh":
+            break  # cannot happen at the planned rate; never overwrite
+        off = 0  # round the recycled area again
     for part in range(0, size, most):  # a backlog past the buffer, in pieces
         os.pwritev(fd, [view[:min(most, size - part)]], off + part)
     os.fdatasync(fd)
@@ -165,13 +178,20 @@ cycles.sort()
 q = lambda a, p: a[int(p * (len(a) - 1))]
 print(f"{q(lat, .5):.0f} {q(lat, .99):.0f} {q(cycles, .5):.0f} {q(cycles, .99):.0f}")
 PY
-)
+STEADY_RETENTION=${STEADY_RETENTION:-1073741824}
+STEADY_WARMUP=${STEADY_WARMUP:-4s}
+echo "== settling for ${SETTLE_S} s, then e floor: the device alone at e's rate, open loop, ideal group commit, 10 s"
+sleep "$SETTLE_S"
+read -r floor_p50 floor_p99 cycle_p50 cycle_p99 < <(python3 "$out/floor.py" "$out/floor" "$half" fresh 0)
 echo "e floor: a message, intended send to durable, p50 ${floor_p50} us, p99 ${floor_p99} us;" \
   "one group-commit cycle (write + fdatasync) p50 ${cycle_p50} us, p99 ${cycle_p99} us"
 run f --producers 1 --partitions 1 --consumers 0 --message-size 100 --batch-size 100 --durability fsync --duration "$DURATION" --warmup "$WARMUP"
-STEADY_RETENTION=${STEADY_RETENTION:-1073741824}
-STEADY_WARMUP=${STEADY_WARMUP:-4s}
 run a-steady --producers 1 --partitions 1 --consumers 0 --batch-size 1000 --durability fsync --duration "$DURATION" --warmup "$STEADY_WARMUP" --retention-bytes "$STEADY_RETENTION"
+echo "== settling for ${SETTLE_S} s, then e-steady's floor: the device alone at e's rate over blocks written before, 10 s"
+sleep "$SETTLE_S"
+read -r rfloor_p50 rfloor_p99 rcycle_p50 rcycle_p99 < <(python3 "$out/floor.py" "$out/floor" "$half" recycled "$STEADY_RETENTION")
+echo "e-steady floor: a message, intended send to durable, p50 ${rfloor_p50} us, p99 ${rfloor_p99} us;" \
+  "one cycle p50 ${rcycle_p50} us, p99 ${rcycle_p99} us"
 echo "== settling for ${SETTLE_S} s before e-steady"
 sleep "$SETTLE_S"
 run e-steady --producers 1 --partitions 1 --consumers 1 --batch-size 1000 --linger-us 500 --durability fsync --rate "$half" --duration "$DURATION" --warmup "$STEADY_WARMUP" --retention-bytes "$STEADY_RETENTION"
@@ -217,10 +237,12 @@ echo "redis XADD/s: a=$redis_a b=$redis_b c=$redis_c f=$redis_f; XRANGE(1000)/s:
 
 echo
 python3 - "$out" "$disk_mb" "$loop_mb" "$fsync_p50" "$fsync_p99" "$floor_p50" "$floor_p99" "$best_mb" \
-  "$cycle_p50" "$cycle_p99" "$redis_a" "$redis_b" "$redis_c" "$redis_d" "$redis_f" <<'PY'
+  "$cycle_p50" "$cycle_p99" "$redis_a" "$redis_b" "$redis_c" "$redis_d" "$redis_f" \
+  "$rfloor_p50" "$rfloor_p99" "$rcycle_p50" "$rcycle_p99" <<'PY'
 import json, sys
 out, disk, loop, f50, f99, floor50, floor99, best, cyc50, cyc99 = sys.argv[1], *map(float, sys.argv[2:11])
 redis = dict(zip("abcdf", (float(x) for x in sys.argv[11:16])))
+rfloor50, rfloor99, rcyc50, rcyc99 = map(float, sys.argv[16:20])
 r = {s: json.load(open(f"{out}/ringbus-{s}.json")) for s in [*"abcdef", "d-cold", "a-steady", "e-steady"]}
 # Redis figures in MB/s of message payload: XADDs per second x value size;
 # XRANGE calls per second x 1,000 entries x 1 KB.
@@ -231,7 +253,9 @@ print(f"ceilings: disk (dd O_DIRECT) {disk:.0f} MB/s, loopback (iperf3) {loop:.0
       f"fdatasync after 1 MiB p50 {f50:.0f} us / p99 {f99:.0f} us")
 print(f"device alone: best write bandwidth (fio 4 x QD32) {best:.0f} MB/s; at e's rate, open loop "
       f"with an ideal group commit: a message from its intended send to durable p50 {floor50:.0f} us / "
-      f"p99 {floor99:.0f} us (one write + fdatasync cycle p50 {cyc50:.0f} / p99 {cyc99:.0f} us)")
+      f"p99 {floor99:.0f} us (one write + fdatasync cycle p50 {cyc50:.0f} / p99 {cyc99:.0f} us); "
+      f"the same over blocks written before (e-steady's floor): p50 {rfloor50:.0f} us / p99 {rfloor99:.0f} us "
+      f"(cycle p50 {rcyc50:.0f} / p99 {rcyc99:.0f} us)")
 print()
 hdr = f"{'scenario':<44} {'ringbus':>12} {'msgs/s':>11} {'vs disk':>8} {'vs loop':>8} {'redis':>10} {'vs redis':>9}"
 print(hdr)
@@ -282,14 +306,18 @@ print(f"        (target {3 * f99:.0f} us; the device alone at e's rate, open loo
       f"{floor99 / (3 * f99):.1f}x the target; ringbus = {ack['p99'] / floor99:.1f}x that floor)")
 steady = r["e-steady"]["produce_ack_us"]["p99"]
 print(f"        (e-steady, past retention: p99 ack {steady:.0f} us = {steady / f99:.1f}x the fdatasync p99; "
-      f"a-steady {rows['a-steady'] / disk:.2f}x the disk ceiling)")
+      f"its floor, the device alone over blocks written before: p99 {rfloor99:.0f} us, "
+      f"{rfloor99 / (3 * f99):.1f}x the target; ringbus = {steady / rfloor99:.1f}x that floor)")
+print(f"        (a-steady {rows['a-steady'] / disk:.2f}x the disk ceiling)")
 for s in "abcdf":
     ratio = rows[s] / redis_mb[s]
     print(f"target: {s} beats redis: {ratio:.2f}x  {'met' if ratio > 1 else 'MISSED'}")
 json.dump({"disk_mb_per_s": disk, "disk_best_mb_per_s": best, "loopback_mb_per_s": loop,
            "fdatasync_p50_us": f50, "fdatasync_p99_us": f99, "e_floor_p50_us": floor50,
            "e_floor_p99_us": floor99, "e_floor_cycle_p50_us": cyc50,
-           "e_floor_cycle_p99_us": cyc99, "redis_mb_per_s": redis_mb,
+           "e_floor_cycle_p99_us": cyc99, "e_steady_floor_p50_us": rfloor50,
+           "e_steady_floor_p99_us": rfloor99, "e_steady_floor_cycle_p50_us": rcyc50,
+           "e_steady_floor_cycle_p99_us": rcyc99, "redis_mb_per_s": redis_mb,
            "ringbus": r},
           open(f"{out}/summary.json", "w"), indent=1)
 PY
