@@ -601,6 +601,78 @@ fn errors_are_typed() {
 }
 
 #[test]
+fn timestamp_lookups_cross_segments_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    let cfg = TopicConfig {
+        partitions: 1,
+        segment_bytes: Some(64 * 1024),
+        ..TopicConfig::default()
+    };
+    c.create_topic("ts", cfg).unwrap();
+    // 40 batches of 10 records of 1 KB (about 6 batches a segment): batch k holds
+    // offsets 10k..10k+9, stamped 1,000,000 + 1,000k + j for record j.
+    for k in 0..40i64 {
+        let mut builder = ringbus::batch::BatchBuilder::with_capacity(11_000);
+        for j in 0..10i64 {
+            let v = vec![b'v'; 1_000];
+            builder.push(ringbus::batch::RecordInput {
+                timestamp: ringbus::TimestampMs(1_000_000 + 1_000 * k + j),
+                key: None,
+                value: Some(&v),
+                headers: &[],
+            });
+        }
+        let r = c.call(&Request::Produce {
+            topic: "ts".into(),
+            partition: PartitionSelector::Partition(0),
+            durability: Durability::Fsync,
+            batches: bytes::Bytes::from(builder.finish()),
+        });
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    let check = |c: &Connection| {
+        for (t, want) in [
+            (0, Some(0)),
+            (1_000_009, Some(0)),
+            (1_000_010, Some(10)),
+            (1_017_500, Some(180)),
+            (1_039_009, Some(390)),
+            (1_039_010, None),
+        ] {
+            let got = c.list_offsets("ts", 0, OffsetSpec::Timestamp(t));
+            match want {
+                Some(o) => assert_eq!(got.unwrap(), Offset(o), "lookup of {t}"),
+                None => assert_eq!(
+                    got.unwrap_err().code(),
+                    Some(ErrorCode::OffsetNotFound),
+                    "lookup of {t}"
+                ),
+            }
+        }
+    };
+    check(&c);
+    drop(c);
+    b.stop();
+    let segments = std::fs::read_dir(dir.path().join("topics/ts/0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count();
+    assert!(segments >= 5, "only {segments} segments");
+    // After a restart every lookup reads the segment files, not the tail cache.
+    let b = Broker::start(dir.path());
+    check(&b.conn());
+    b.stop();
+}
+
+#[test]
 fn cli_quickstart() {
     let dir = tempfile::tempdir().unwrap();
     let b = Broker::start(dir.path());

@@ -589,21 +589,28 @@ fn retention_keeps_held_bytes_readable_after_delete() {
     );
 }
 
-#[test]
-fn retention_by_age_and_roll_by_age() {
-    let dir = tempfile::tempdir().unwrap();
+/// A partition that rolls every second and keeps 5 s, with one one-record batch
+/// stamped each second from 0 to 9 s (offset t at t s): ten segments.
+fn one_second_segments<B: LogIo>(dir: &std::path::Path, io: B) -> Partition<B> {
     let cfg = PartitionConfig {
         segment_ms: Some(1_000),
         retention_ms: Some(5_000),
         ..small_config()
     };
-    let (mut p, _) = Partition::open(dir.path(), cfg, StdIo::default(), TimestampMs(0)).unwrap();
+    let (mut p, _) = Partition::open(dir, cfg, io, TimestampMs(0)).unwrap();
     for t in 0..10i64 {
         let wall = TimestampMs(t * 1_000);
         p.append(&batch("t", 1, 10, t * 1_000), Instant::now(), wall)
             .unwrap();
         p.flush_blocking().unwrap();
     }
+    p
+}
+
+#[test]
+fn retention_by_age_and_roll_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = one_second_segments(dir.path(), StdIo::default());
     assert_eq!(p.segment_count(), 10, "one segment per second of age");
     let r = p.apply_retention(TimestampMs(10_000)).unwrap();
     // Segments whose newest record is more than 5 s old: t = 0..=4.
@@ -618,6 +625,64 @@ fn retention_by_age_and_roll_by_age() {
         Some(Offset(7))
     );
     assert_eq!(p.offset_for_timestamp(TimestampMs(99_000)).unwrap(), None);
+}
+
+#[test]
+fn a_timestamp_scan_needs_no_partition_and_outlives_its_segment() {
+    use ringbus::storage::partition::offset_for_timestamp_shared;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = one_second_segments(dir.path(), StdIo::default());
+    // The first segment that can hold 1,500 ms is the third (its batch is at 2,000).
+    let scan = p.timestamp_scan(TimestampMs(1_500), None).unwrap();
+    assert_eq!(scan.base, Offset(2));
+    // The next one after it, and none after the last.
+    assert_eq!(
+        p.timestamp_scan(TimestampMs(1_500), Some(Offset(2)))
+            .unwrap()
+            .base,
+        Offset(3)
+    );
+    assert!(p
+        .timestamp_scan(TimestampMs(1_500), Some(Offset(9)))
+        .is_none());
+    assert!(p.timestamp_scan(TimestampMs(9_001), None).is_none());
+    // Retention takes that segment while the scan is out (on a helper thread in a
+    // shard): the partition says so, and the scan still reads its own map.
+    assert!(p.has_segment(Offset(2)));
+    let r = p.apply_retention(TimestampMs(10_000)).unwrap();
+    assert_eq!(r.segments_deleted, 5);
+    assert!(!p.has_segment(Offset(2)));
+    assert_eq!(scan.run().unwrap(), Some(Offset(2)));
+    // The shard's lookup goes through the scans and finds what the log still holds.
+    let cell = std::cell::RefCell::new(p);
+    let got =
+        futures_lite::future::block_on(offset_for_timestamp_shared(&cell, TimestampMs(1_500)));
+    assert_eq!(got.unwrap(), Some(Offset(5)));
+    let got =
+        futures_lite::future::block_on(offset_for_timestamp_shared(&cell, TimestampMs(7_000)));
+    assert_eq!(got.unwrap(), Some(Offset(7)));
+}
+
+#[test]
+fn a_timestamp_lookup_starts_again_when_retention_takes_its_segment() {
+    use ringbus::storage::partition::offset_for_timestamp_shared;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    io.yield_before_blocking.set(true);
+    let p = one_second_segments(dir.path(), io);
+    let cell = std::cell::RefCell::new(p);
+    // The lookup's first scan (segment 2) is out when retention deletes segments
+    // 0-4: the answer must come from what the log holds afterwards, not offset 2.
+    let (got, deleted) = futures_lite::future::block_on(futures_lite::future::zip(
+        offset_for_timestamp_shared(&cell, TimestampMs(1_500)),
+        async {
+            let r = cell.borrow_mut().apply_retention(TimestampMs(10_000));
+            r.unwrap().segments_deleted
+        },
+    ));
+    assert_eq!(deleted, 5);
+    assert_eq!(cell.borrow().log_start(), Offset(5));
+    assert_eq!(got.unwrap(), Some(Offset(5)));
 }
 
 #[test]
@@ -668,6 +733,9 @@ struct FaultyIo {
     durable_writes: Rc<std::cell::RefCell<Vec<(u64, usize)>>>,
     /// Syncs issued.
     syncs: Rc<Cell<u32>>,
+    /// `run_blocking` first lets other futures run once, as a helper thread's work
+    /// does on a shard.
+    yield_before_blocking: Rc<Cell<bool>>,
 }
 
 impl FaultyIo {
@@ -680,6 +748,7 @@ impl FaultyIo {
             writes: Rc::default(),
             durable_writes: Rc::default(),
             syncs: Rc::default(),
+            yield_before_blocking: Rc::default(),
         }
     }
 }
@@ -753,12 +822,15 @@ impl LogIo for FaultyIo {
         self.dir_syncs.set(self.dir_syncs.get() + 1);
         self.inner.sync_dir(dir)
     }
-    fn run_blocking<R, F>(&self, f: F) -> impl std::future::Future<Output = R>
+    async fn run_blocking<R, F>(&self, f: F) -> R
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        self.inner.run_blocking(f)
+        if self.yield_before_blocking.get() {
+            futures_lite::future::yield_now().await;
+        }
+        self.inner.run_blocking(f).await
     }
 }
 

@@ -15,7 +15,7 @@ use crate::protocol::{
     TopicInfo, API_VERSIONS,
 };
 use crate::storage::cold::ReadPool;
-use crate::storage::partition::prepare_read;
+use crate::storage::partition::{offset_for_timestamp_shared, prepare_read};
 use crate::storage::uring::{group_commit, UringIo};
 use crate::storage::watermark::Watermark;
 use crate::storage::{CacheBudget, Durability, LogIo, Partition, PartitionConfig, StorageError};
@@ -554,17 +554,19 @@ impl Shard {
                 }
             }
             PartitionOp::ListOffsets(spec) => {
-                let part = slot.part.borrow();
                 let offset = match spec {
-                    OffsetSpec::Earliest => part.log_start(),
-                    OffsetSpec::Latest => part.written_offset(),
-                    OffsetSpec::Timestamp(t) => part
-                        .offset_for_timestamp(TimestampMs(t))
-                        .map_err(storage_error)?
-                        .ok_or((
-                            ErrorCode::OffsetNotFound,
-                            format!("no record at or after timestamp {t}"),
-                        ))?,
+                    OffsetSpec::Earliest => slot.part.borrow().log_start(),
+                    OffsetSpec::Latest => slot.part.borrow().written_offset(),
+                    // The scan reads segment maps: on a helper thread.
+                    OffsetSpec::Timestamp(t) => {
+                        offset_for_timestamp_shared(&slot.part, TimestampMs(t))
+                            .await
+                            .map_err(storage_error)?
+                            .ok_or((
+                                ErrorCode::OffsetNotFound,
+                                format!("no record at or after timestamp {t}"),
+                            ))?
+                    }
                 };
                 Ok(Response::ListOffsets { offset })
             }

@@ -32,6 +32,7 @@ pub use partition::{
     Appended, Durability, Fetch, FlushDue, FlushJob, FlushScope, FlushStats, Partition,
     PartitionConfig, RecoveryPolicy, RecoveryReport, RetentionReport, SyncJob,
 };
+pub use segment::TimestampScan;
 pub use tail_cache::CacheBudget;
 
 use crate::batch::BatchError;

@@ -22,7 +22,7 @@ use crate::storage::cold::{self, ReadPool};
 use crate::storage::io::LogIo;
 use crate::storage::mmap::{self, MapWatch};
 use crate::storage::segment::{
-    self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment, Trim,
+    self, BufPool, Role, Segment, SegmentFlush, SegmentWriter, SpareSegment, TimestampScan, Trim,
 };
 use crate::storage::tail_cache::CacheBudget;
 use crate::storage::watermark::{WaitFailed, WaitFor, Watermark};
@@ -1579,14 +1579,36 @@ impl<B: LogIo> Partition<B> {
         (!mmap::resident(&ahead)).then_some((span, ahead))
     }
 
-    /// The first offset whose batch carries a timestamp at or after `ts`.
+    /// The first offset whose batch carries a timestamp at or after `ts`. Reads
+    /// segment maps on the calling thread; a shard goes through
+    /// [`Partition::timestamp_scan`] instead.
     pub fn offset_for_timestamp(&self, ts: TimestampMs) -> Result<Option<Offset>, StorageError> {
-        for seg in &self.segments {
-            if let Some(o) = seg.offset_for_timestamp(ts)? {
+        let mut after = None;
+        while let Some(scan) = self.timestamp_scan(ts, after) {
+            after = Some(scan.base);
+            if let Some(o) = scan.run()? {
                 return Ok(Some(o));
             }
         }
         Ok(None)
+    }
+
+    /// The next segment a timestamp lookup must read: the first after the segment
+    /// based at `after` (from the oldest when `None`) that can hold a batch at or
+    /// after `ts`. Running it ([`TimestampScan::run`]) reads only that segment's
+    /// written bytes, and needs no borrow of the partition; when it finds nothing,
+    /// the lookup goes on from its segment.
+    pub fn timestamp_scan(&self, ts: TimestampMs, after: Option<Offset>) -> Option<TimestampScan> {
+        self.segments
+            .iter()
+            .filter(|seg| after.is_none_or(|a| seg.base > a))
+            .find_map(|seg| seg.timestamp_scan(ts))
+    }
+
+    /// Whether the segment based at `base` still belongs to the log (retention has
+    /// not taken it).
+    pub fn has_segment(&self, base: Offset) -> bool {
+        self.segments.iter().any(|s| s.base == base)
     }
 
     /// Deletes the oldest sealed, fully written segments while the retention limits
@@ -1725,6 +1747,47 @@ pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset,
         io.run_blocking(move || mmap::fault_in(&span, &ahead)).await;
     }
 }
+
+/// [`Partition::offset_for_timestamp`] for a partition served by a shard: each
+/// segment's scan reads its map (cold pages fault from the disk) on a helper
+/// thread. A segment that retention takes meanwhile may have been recycled, its
+/// map then holding newer bytes, so the lookup starts again; after a few such
+/// turns it gives up with an error rather than chase a log that moves that fast.
+pub async fn offset_for_timestamp_shared<B: LogIo>(
+    part: &RefCell<Partition<B>>,
+    ts: TimestampMs,
+) -> Result<Option<Offset>, StorageError> {
+    let io = part.borrow().io.clone();
+    let mut after = None;
+    let mut restarts = 0;
+    loop {
+        let Some(scan) = part.borrow().timestamp_scan(ts, after) else {
+            return Ok(None);
+        };
+        let base = scan.base;
+        let got = io.run_blocking(move || scan.run()).await;
+        if !part.borrow().has_segment(base) {
+            restarts += 1;
+            if restarts > TIMESTAMP_LOOKUP_RESTARTS {
+                return Err(StorageError::io(
+                    "timestamp lookup",
+                    &part.borrow().dir,
+                    std::io::Error::other("retention kept removing the segments it read"),
+                ));
+            }
+            after = None;
+            continue;
+        }
+        match got? {
+            Some(o) => return Ok(Some(o)),
+            None => after = Some(base),
+        }
+    }
+}
+
+/// How often [`offset_for_timestamp_shared`] starts again after retention took the
+/// segment it was reading.
+const TIMESTAMP_LOOKUP_RESTARTS: usize = 4;
 
 /// Brings what a read from `from` of about `max_bytes` needs into memory before the
 /// read runs on the shard: with a read pool, an O_DIRECT read of the span on a

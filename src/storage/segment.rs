@@ -1615,14 +1615,12 @@ impl<B: LogIo> Segment<B> {
         Ok(Some(((pos - start) as usize, next)))
     }
 
-    /// The first offset whose batch has a max timestamp at or after `ts`, if any
-    /// batch in this segment qualifies.
-    pub(crate) fn offset_for_timestamp(
-        &self,
-        ts: TimestampMs,
-    ) -> Result<Option<Offset>, StorageError> {
+    /// What finding the first batch whose max timestamp is at or after `ts` has to
+    /// read in this segment, or `None` when no batch here can qualify. Uses only the in-memory indexes; the scan itself reads the map
+    /// (cold pages fault from the disk), so a shard runs it on a helper thread.
+    pub(crate) fn timestamp_scan(&self, ts: TimestampMs) -> Option<TimestampScan> {
         if self.max_timestamp.is_none_or(|m| m < ts) {
-            return Ok(None);
+            return None;
         }
         // Start at the last time entry whose max is below `ts`: no batch up to it
         // qualifies, so scanning from it finds the first one that does.
@@ -1637,32 +1635,57 @@ impl<B: LogIo> Segment<B> {
                     Offset(self.base.0 + u64::from(e.relative_offset)),
                 )
             });
+        Some(TimestampScan {
+            base: self.base,
+            path: self.path.clone(),
+            written: self.map.slice(..self.written_len as usize),
+            pos,
+            first,
+            ts,
+        })
+    }
+
+    pub(crate) fn index_entries(&self) -> usize {
+        self.index.len()
+    }
+}
+
+/// One segment's part of a timestamp lookup ([`Segment::timestamp_scan`]): its
+/// written bytes (a clone of the map, which stays valid after the segment is
+/// deleted) and where to start. Runs anywhere, with no borrow of the partition.
+#[derive(Debug, Clone)]
+pub struct TimestampScan {
+    /// The base offset of the segment scanned.
+    pub base: Offset,
+    path: PathBuf,
+    written: Bytes,
+    pos: u64,
+    first: Offset,
+    ts: TimestampMs,
+}
+
+impl TimestampScan {
+    /// The first offset in the segment whose batch has a max timestamp at or after
+    /// the lookup's, if one does.
+    pub fn run(self) -> Result<Option<Offset>, StorageError> {
+        let ts = self.ts;
         let mut found = None;
         // With the offsets checked: a batch out of sequence (in a sealed segment
         // kept whole despite damage, a recycled file's earlier batches may follow
         // its own) ends the scan.
-        let s = scan_while(
-            &self.map[..self.written_len as usize],
-            pos,
-            Some(first),
-            |b| {
-                if b.max_timestamp >= ts {
-                    found = Some(b.base_offset);
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
-        );
+        let s = scan_while(&self.written, self.pos, Some(self.first), |b| {
+            if b.max_timestamp >= ts {
+                found = Some(b.base_offset);
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
         if let ScanStop::Invalid(e) = s.stop {
             if found.is_none() {
                 return Err(StorageError::at(&self.path, s.end, e));
             }
         }
         Ok(found)
-    }
-
-    pub(crate) fn index_entries(&self) -> usize {
-        self.index.len()
     }
 }
