@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -627,6 +627,57 @@ struct ProducerState {
     outstanding: BTreeSet<u64>,
     next_seq: u64,
     closing: bool,
+    /// The sender thread has ended (after `closing`, or by a panic): nothing queued
+    /// will be sent any more.
+    sender_gone: bool,
+}
+
+type SharedState = (Mutex<ProducerState>, Condvar);
+
+/// The producer's state, also when the sender thread panicked while holding it:
+/// [`SenderExit`] leaves it consistent and marked `sender_gone`, and every caller
+/// looks at that first.
+fn lock_state(lock: &Mutex<ProducerState>) -> MutexGuard<'_, ProducerState> {
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// [`Condvar::wait_timeout`] on the producer's state, poisoned or not.
+fn wait_state<'a>(
+    cv: &Condvar,
+    st: MutexGuard<'a, ProducerState>,
+    timeout: Duration,
+) -> MutexGuard<'a, ProducerState> {
+    cv.wait_timeout(st, timeout)
+        .unwrap_or_else(PoisonError::into_inner)
+        .0
+}
+
+/// Owned by the sender thread: when it ends, however it ends (a panic included),
+/// the batches it will never send fail their receipts and every `send` and `flush`
+/// waiting on it is released with an error instead of blocking for good.
+struct SenderExit<'a>(&'a SharedState);
+
+impl Drop for SenderExit<'_> {
+    fn drop(&mut self) {
+        let (lock, cv) = self.0;
+        let mut guard = lock_state(lock);
+        let st = &mut *guard;
+        st.sender_gone = true;
+        let why = ClientError::Disconnected("the producer's sender thread stopped".into());
+        let left: Vec<Open> = st
+            .sealed
+            .drain(..)
+            .map(|(_, o)| o)
+            .chain(st.open.drain().map(|(_, o)| o))
+            .collect();
+        for r in left.into_iter().flat_map(|o| o.receipts) {
+            let _ = r.send(Err(why.clone()));
+        }
+        // Requests it had in flight dropped their receipts as it unwound.
+        st.outstanding.clear();
+        st.queued = 0;
+        cv.notify_all();
+    }
 }
 
 impl ProducerState {
@@ -641,7 +692,7 @@ impl ProducerState {
 /// requests in flight. Records are routed by explicit partition or by key (Kafka's
 /// murmur2), so keyed records keep their partition.
 pub struct Producer {
-    state: Arc<(Mutex<ProducerState>, Condvar)>,
+    state: Arc<SharedState>,
     partitions: Mutex<HashMap<String, u32>>,
     addr: String,
     batch_bytes: usize,
@@ -666,6 +717,7 @@ impl Producer {
                 outstanding: BTreeSet::new(),
                 next_seq: 0,
                 closing: false,
+                sender_gone: false,
             }),
             Condvar::new(),
         ));
@@ -708,7 +760,8 @@ impl Producer {
 
     /// Queues one record. `partition` wins over `key`; with neither, records go to
     /// partition 0. Blocks while `buffer_bytes` of records wait to be sent (and
-    /// sends the open batches meanwhile, whatever their linger).
+    /// sends the open batches meanwhile, whatever their linger). Fails with
+    /// `Disconnected` once the sender thread has stopped.
     pub fn send(
         &self,
         topic: &str,
@@ -732,13 +785,22 @@ impl Producer {
                 .map(|(k, v)| 20 + k.len() + v.map_or(0, <[u8]>::len))
                 .sum::<usize>();
         let (lock, cv) = &*self.state;
-        let mut st = lock.lock().expect("lock");
-        while !st.closing && st.queued > 0 && st.queued + size > self.buffer_bytes {
+        let mut st = lock_state(lock);
+        while !st.closing
+            && !st.sender_gone
+            && st.queued > 0
+            && st.queued + size > self.buffer_bytes
+        {
             // The buffer is full: open batches go now instead of after their
             // linger, which could be longer than the sender needs to make room.
             st.send_open_now();
             cv.notify_all();
-            st = cv.wait(st).expect("lock");
+            st = wait_state(cv, st, Duration::from_millis(50));
+        }
+        if st.sender_gone {
+            return Err(ClientError::Disconnected(
+                "the producer's sender thread stopped".into(),
+            ));
         }
         if st.closing {
             return Err(ClientError::Disconnected("producer closed".into()));
@@ -785,17 +847,16 @@ impl Producer {
     /// Sends everything queued and waits until the broker answered all of it:
     /// when it returns, every receipt of a record sent before it holds its answer.
     /// Records other threads send meanwhile do not hold it up.
+    /// If the sender thread has stopped (it panicked), returns at once: every
+    /// receipt it left holds an error.
     pub fn flush(&self) {
         let (lock, cv) = &*self.state;
-        let mut st = lock.lock().expect("lock");
+        let mut st = lock_state(lock);
         let before = st.next_seq;
         st.send_open_now();
         cv.notify_all();
-        while st.outstanding.first().is_some_and(|&s| s < before) {
-            st = cv
-                .wait_timeout(st, Duration::from_millis(5))
-                .expect("lock")
-                .0;
+        while !st.sender_gone && st.outstanding.first().is_some_and(|&s| s < before) {
+            st = wait_state(cv, st, Duration::from_millis(5));
         }
     }
 }
@@ -805,7 +866,7 @@ impl Drop for Producer {
         self.flush();
         {
             let (lock, cv) = &*self.state;
-            lock.lock().expect("lock").closing = true;
+            lock_state(lock).closing = true;
             cv.notify_all();
         }
         if let Some(s) = self.sender.take() {
@@ -825,12 +886,8 @@ struct Outgoing {
 
 type InFlight = (PendingReply, Outgoing);
 
-fn send_loop(
-    addr: &str,
-    conn: Connection,
-    state: &(Mutex<ProducerState>, Condvar),
-    config: &ProducerConfig,
-) {
+fn send_loop(addr: &str, conn: Connection, state: &SharedState, config: &ProducerConfig) {
+    let _exit = SenderExit(state);
     let (lock, cv) = state;
     let mut conn = Some(conn);
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
@@ -838,7 +895,11 @@ fn send_loop(
         // Take every batch that is due.
         let mut due = Vec::new();
         {
-            let mut st = lock.lock().expect("lock");
+            let mut st = lock_state(lock);
+            #[cfg(test)]
+            if tests::SENDER_PANICS.load(Ordering::Relaxed) && !st.open.is_empty() {
+                panic!("injected: the sender thread panics holding the producer's state");
+            }
             loop {
                 let now = Instant::now();
                 let ready: Vec<_> = st
@@ -870,10 +931,7 @@ fn send_loop(
                     .map(|o| (o.since + config.linger).saturating_duration_since(now))
                     .min()
                     .unwrap_or(Duration::from_millis(50));
-                st = cv
-                    .wait_timeout(st, wait.max(Duration::from_micros(100)))
-                    .expect("lock")
-                    .0;
+                st = wait_state(cv, st, wait.max(Duration::from_micros(100)));
             }
             if due.is_empty() && inflight.is_empty() && st.closing {
                 return;
@@ -912,7 +970,7 @@ fn send_loop(
                 }
             }
             let (lock, cv) = state;
-            lock.lock().expect("lock").queued -= o.queued;
+            lock_state(lock).queued -= o.queued;
             cv.notify_all();
         }
         if !inflight.is_empty() {
@@ -939,7 +997,7 @@ fn resend(
     inflight: &mut VecDeque<InFlight>,
     mut todo: VecDeque<Outgoing>,
     why: ClientError,
-    state: &(Mutex<ProducerState>, Condvar),
+    state: &SharedState,
 ) {
     debug_assert!(inflight.is_empty(), "take_all first");
     let mut attempt = 0u32;
@@ -991,7 +1049,7 @@ fn resend(
     }
 }
 
-fn fail(o: Outgoing, e: &ClientError, state: &(Mutex<ProducerState>, Condvar)) {
+fn fail(o: Outgoing, e: &ClientError, state: &SharedState) {
     for r in o.receipts {
         let _ = r.send(Err(e.clone()));
     }
@@ -999,9 +1057,9 @@ fn fail(o: Outgoing, e: &ClientError, state: &(Mutex<ProducerState>, Condvar)) {
 }
 
 /// Batch `seq`'s receipts now hold their answers: `flush` may be waiting.
-fn answered(state: &(Mutex<ProducerState>, Condvar), seq: u64) {
+fn answered(state: &SharedState, seq: u64) {
     let (lock, cv) = state;
-    lock.lock().expect("lock").outstanding.remove(&seq);
+    lock_state(lock).outstanding.remove(&seq);
     cv.notify_all();
 }
 
@@ -1011,7 +1069,7 @@ fn finish_one(
     addr: &str,
     conn: &mut Option<Connection>,
     inflight: &mut VecDeque<InFlight>,
-    state: &(Mutex<ProducerState>, Condvar),
+    state: &SharedState,
     config: &ProducerConfig,
 ) {
     let Some((pending, out)) = inflight.pop_front() else {
@@ -1044,6 +1102,89 @@ fn finish_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Makes every producer's sender thread panic, holding the producer's state, as
+    /// soon as it finds a batch open. Only `a_panicked_sender_fails_...` sets it.
+    pub(super) static SENDER_PANICS: AtomicBool = AtomicBool::new(false);
+
+    #[test]
+    fn a_panicked_sender_fails_receipts_and_callers_instead_of_blocking() {
+        // A broker that answers the handshake and nothing else: a produce would
+        // wait for good.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                thread::spawn(move || answer_handshakes_only(&mut stream));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let worker = thread::spawn(move || {
+            let p = Producer::new(
+                &addr,
+                ProducerConfig {
+                    linger: Duration::from_millis(1),
+                    ..ProducerConfig::default()
+                },
+            )
+            .unwrap();
+            SENDER_PANICS.store(true, Ordering::Relaxed);
+            let first = p.send("t", Some(0), None, b"one", &[]).unwrap();
+            tx.send(("first receipt", first.wait().is_err())).unwrap();
+            // The state's lock is poisoned now: callers still get answers.
+            p.flush();
+            tx.send(("flush returned", true)).unwrap();
+            let again = p.send("t", Some(0), None, b"two", &[]);
+            tx.send(("later send refused", again.is_err())).unwrap();
+            drop(p);
+            tx.send(("dropped", true)).unwrap();
+        });
+        for want in [
+            "first receipt",
+            "flush returned",
+            "later send refused",
+            "dropped",
+        ] {
+            let (what, ok) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("blocked before: {want}"));
+            assert_eq!(what, want);
+            assert!(ok, "{what}");
+        }
+        SENDER_PANICS.store(false, Ordering::Relaxed);
+        worker.join().unwrap();
+    }
+
+    /// Reads request frames from `stream` until it closes, answering ApiVersions.
+    fn answer_handshakes_only(stream: &mut TcpStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Ok(Some(len)) = protocol::frame_len(&buf, 1 << 24) {
+                let end = protocol::LENGTH_PREFIX_LEN + len;
+                let frame = Bytes::copy_from_slice(&buf[protocol::LENGTH_PREFIX_LEN..end]);
+                buf.drain(..end);
+                if let Ok((head, Request::ApiVersions)) = protocol::decode_request(&frame) {
+                    let versions = protocol::API_VERSIONS
+                        .iter()
+                        .map(|(k, lo, hi)| (*k as u16, *lo, *hi))
+                        .collect();
+                    let mut out = Vec::new();
+                    let resp = Response::ApiVersions(versions);
+                    protocol::encode_response(head.correlation_id, &resp, &mut out);
+                    if stream.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
 
     /// A writer that takes at most 3 bytes per call, and is interrupted once.
     struct Trickle {
