@@ -626,10 +626,16 @@ struct ProducerState {
     /// so other threads that keep sending cannot hold it up for good.
     outstanding: BTreeSet<u64>,
     next_seq: u64,
+    /// Sends waiting for room in the buffer, by ticket, in the order they came.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
     closing: bool,
     /// The sender thread has ended (after `closing`, or by a panic): nothing queued
     /// will be sent any more.
     sender_gone: bool,
+    /// Tests: the sender thread panics, holding this state, once a batch is open.
+    #[cfg(test)]
+    inject_sender_panic: bool,
 }
 
 type SharedState = (Mutex<ProducerState>, Condvar);
@@ -716,8 +722,12 @@ impl Producer {
                 queued: 0,
                 outstanding: BTreeSet::new(),
                 next_seq: 0,
+                waiting: VecDeque::new(),
+                next_ticket: 0,
                 closing: false,
                 sender_gone: false,
+                #[cfg(test)]
+                inject_sender_panic: false,
             }),
             Condvar::new(),
         ));
@@ -786,16 +796,26 @@ impl Producer {
                 .sum::<usize>();
         let (lock, cv) = &*self.state;
         let mut st = lock_state(lock);
-        while !st.closing
-            && !st.sender_gone
-            && st.queued > 0
-            && st.queued + size > self.buffer_bytes
-        {
-            // The buffer is full: open batches go now instead of after their
-            // linger, which could be longer than the sender needs to make room.
-            st.send_open_now();
+        let full = |st: &ProducerState| st.queued > 0 && st.queued + size > self.buffer_bytes;
+        if !st.closing && !st.sender_gone && (full(&st) || !st.waiting.is_empty()) {
+            // The buffer is full, or others wait for it already: records get in
+            // first come, first served, so a large record is not kept out for
+            // good by smaller ones that fit whenever a little room comes back.
+            let ticket = st.next_ticket;
+            st.next_ticket += 1;
+            st.waiting.push_back(ticket);
+            while !st.closing
+                && !st.sender_gone
+                && (st.waiting.front() != Some(&ticket) || full(&st))
+            {
+                // Open batches go now instead of after their linger, which could be
+                // longer than the sender needs to make room.
+                st.send_open_now();
+                cv.notify_all();
+                st = wait_state(cv, st, Duration::from_millis(50));
+            }
+            st.waiting.retain(|&t| t != ticket);
             cv.notify_all();
-            st = wait_state(cv, st, Duration::from_millis(50));
         }
         if st.sender_gone {
             return Err(ClientError::Disconnected(
@@ -897,7 +917,7 @@ fn send_loop(addr: &str, conn: Connection, state: &SharedState, config: &Produce
         {
             let mut st = lock_state(lock);
             #[cfg(test)]
-            if tests::SENDER_PANICS.load(Ordering::Relaxed) && !st.open.is_empty() {
+            if st.inject_sender_panic && !st.open.is_empty() {
                 panic!("injected: the sender thread panics holding the producer's state");
             }
             loop {
@@ -1102,24 +1122,10 @@ fn finish_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
-
-    /// Makes every producer's sender thread panic, holding the producer's state, as
-    /// soon as it finds a batch open. Only `a_panicked_sender_fails_...` sets it.
-    pub(super) static SENDER_PANICS: AtomicBool = AtomicBool::new(false);
 
     #[test]
     fn a_panicked_sender_fails_receipts_and_callers_instead_of_blocking() {
-        // A broker that answers the handshake and nothing else: a produce would
-        // wait for good.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                thread::spawn(move || answer_handshakes_only(&mut stream));
-            }
-        });
+        let addr = handshake_only_broker();
         let (tx, rx) = mpsc::channel();
         let worker = thread::spawn(move || {
             let p = Producer::new(
@@ -1130,7 +1136,7 @@ mod tests {
                 },
             )
             .unwrap();
-            SENDER_PANICS.store(true, Ordering::Relaxed);
+            lock_state(&p.state.0).inject_sender_panic = true;
             let first = p.send("t", Some(0), None, b"one", &[]).unwrap();
             tx.send(("first receipt", first.wait().is_err())).unwrap();
             // The state's lock is poisoned now: callers still get answers.
@@ -1153,8 +1159,81 @@ mod tests {
             assert_eq!(what, want);
             assert!(ok, "{what}");
         }
-        SENDER_PANICS.store(false, Ordering::Relaxed);
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn a_large_record_waiting_for_room_is_not_overtaken_by_small_ones() {
+        let addr = handshake_only_broker();
+        // One request in flight, never answered until it times out: the buffer
+        // drains one 9 KB batch every 600 ms.
+        let p = Arc::new(
+            Producer::new(
+                &addr,
+                ProducerConfig {
+                    batch_bytes: 10_000,
+                    buffer_bytes: 40_000,
+                    in_flight: 1,
+                    retries: 0,
+                    linger: Duration::from_millis(1),
+                    request_timeout: Duration::from_millis(600),
+                    ..ProducerConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        let receipts: Vec<_> = (0..4)
+            .map(|_| p.send("t", Some(0), None, &[1; 9_000], &[]).unwrap())
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        let spawn_send = |name: &'static str, len: usize| {
+            let (p, tx) = (p.clone(), tx.clone());
+            thread::spawn(move || {
+                let r = p.send("t", Some(0), None, &vec![2; len], &[]);
+                tx.send((name, r.is_ok())).unwrap();
+            })
+        };
+        // 20 KB does not fit beside the 27-36 KB queued; 1 KB would.
+        let large = spawn_send("large", 20_000);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock_state(&p.state.0).waiting.is_empty() {
+            assert!(Instant::now() < deadline, "the large record never waited");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let small = spawn_send("small", 1_000);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a send got in while the large record waited for room"
+        );
+        // Once a batch times out, room comes back: both get in.
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("send returned"),
+            );
+        }
+        got.sort();
+        assert_eq!(got, vec![("large", true), ("small", true)]);
+        large.join().unwrap();
+        small.join().unwrap();
+        for r in receipts {
+            assert!(r.wait().is_err(), "the broker never answers");
+        }
+    }
+
+    /// A broker on an ephemeral loopback port that answers the handshake and
+    /// nothing else: a produce waits for good.
+    fn handshake_only_broker() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                thread::spawn(move || answer_handshakes_only(&mut stream));
+            }
+        });
+        addr
     }
 
     /// Reads request frames from `stream` until it closes, answering ApiVersions.
