@@ -1750,9 +1750,10 @@ pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset,
 
 /// [`Partition::offset_for_timestamp`] for a partition served by a shard: each
 /// segment's scan reads its map (cold pages fault from the disk) on a helper
-/// thread. A segment that retention takes meanwhile may have been recycled, its
-/// map then holding newer bytes, so the lookup starts again; after a few such
-/// turns it gives up with an error rather than chase a log that moves that fast.
+/// thread. If retention takes that segment meanwhile, its answer may lie before
+/// the new log start, so the lookup starts again (the scan's clone of the map keeps
+/// the file from being recycled under it: see `mmap`); after a few such turns it
+/// gives up with an error rather than chase a log that moves that fast.
 pub async fn offset_for_timestamp_shared<B: LogIo>(
     part: &RefCell<Partition<B>>,
     ts: TimestampMs,
