@@ -546,7 +546,8 @@ pub struct ProducerConfig {
     pub retries: u32,
     /// [`Producer::send`] blocks while this many bytes of records wait in the
     /// producer to be sent (back-pressure when the broker or the network is slower
-    /// than the application).
+    /// than the application), and sends that came after a waiting one wait behind
+    /// it (first come, first served).
     pub buffer_bytes: usize,
     /// How long a request may wait for its answer. Past it the connection counts
     /// as failed: the request and every one after it go again on a new one (one
@@ -640,9 +641,10 @@ struct ProducerState {
 
 type SharedState = (Mutex<ProducerState>, Condvar);
 
-/// The producer's state, also when the sender thread panicked while holding it:
-/// [`SenderExit`] leaves it consistent and marked `sender_gone`, and every caller
-/// looks at that first.
+/// The producer's state, also when a thread panicked while holding it. The sender
+/// thread's panic is handled: [`SenderExit`] leaves the state consistent and marked
+/// `sender_gone`, which every caller looks at first. The producer's own methods do
+/// not panic while they hold it.
 fn lock_state(lock: &Mutex<ProducerState>) -> MutexGuard<'_, ProducerState> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -770,8 +772,9 @@ impl Producer {
 
     /// Queues one record. `partition` wins over `key`; with neither, records go to
     /// partition 0. Blocks while `buffer_bytes` of records wait to be sent (and
-    /// sends the open batches meanwhile, whatever their linger). Fails with
-    /// `Disconnected` once the sender thread has stopped.
+    /// sends the open batches meanwhile, whatever their linger); while sends wait,
+    /// later ones queue behind them, first come first served, even where they would
+    /// fit. Fails with `Disconnected` once the sender thread has stopped.
     pub fn send(
         &self,
         topic: &str,
@@ -804,14 +807,21 @@ impl Producer {
             let ticket = st.next_ticket;
             st.next_ticket += 1;
             st.waiting.push_back(ticket);
+            let mut hurried = false;
             while !st.closing
                 && !st.sender_gone
                 && (st.waiting.front() != Some(&ticket) || full(&st))
             {
-                // Open batches go now instead of after their linger, which could be
-                // longer than the sender needs to make room.
-                st.send_open_now();
-                cv.notify_all();
+                // At the head of the queue, once: open batches go now instead of
+                // after their linger, which could be longer than the sender needs
+                // to make room. (Only the head, and only once, or waiters would
+                // wake each other for as long as the buffer stays full; no batch
+                // opens while it waits, since every later send queues behind it.)
+                if !hurried && st.waiting.front() == Some(&ticket) {
+                    hurried = true;
+                    st.send_open_now();
+                    cv.notify_all();
+                }
                 st = wait_state(cv, st, Duration::from_millis(50));
             }
             st.waiting.retain(|&t| t != ticket);
@@ -916,11 +926,11 @@ fn send_loop(addr: &str, conn: Connection, state: &SharedState, config: &Produce
         let mut due = Vec::new();
         {
             let mut st = lock_state(lock);
-            #[cfg(test)]
-            if st.inject_sender_panic && !st.open.is_empty() {
-                panic!("injected: the sender thread panics holding the producer's state");
-            }
             loop {
+                #[cfg(test)]
+                if st.inject_sender_panic && !st.open.is_empty() {
+                    panic!("injected: the sender thread panics holding the producer's state");
+                }
                 let now = Instant::now();
                 let ready: Vec<_> = st
                     .open
@@ -1166,24 +1176,24 @@ mod tests {
     fn a_large_record_waiting_for_room_is_not_overtaken_by_small_ones() {
         let addr = handshake_only_broker();
         // One request in flight, never answered until it times out: the buffer
-        // drains one 9 KB batch every 600 ms.
+        // drains one 12 KB batch every 1.5 s.
         let p = Arc::new(
             Producer::new(
                 &addr,
                 ProducerConfig {
-                    batch_bytes: 10_000,
+                    batch_bytes: 13_000,
                     buffer_bytes: 40_000,
                     in_flight: 1,
                     retries: 0,
                     linger: Duration::from_millis(1),
-                    request_timeout: Duration::from_millis(600),
+                    request_timeout: Duration::from_millis(1_500),
                     ..ProducerConfig::default()
                 },
             )
             .unwrap(),
         );
-        let receipts: Vec<_> = (0..4)
-            .map(|_| p.send("t", Some(0), None, &[1; 9_000], &[]).unwrap())
+        let receipts: Vec<_> = (0..3)
+            .map(|_| p.send("t", Some(0), None, &[1; 12_000], &[]).unwrap())
             .collect();
         let (tx, rx) = mpsc::channel();
         let spawn_send = |name: &'static str, len: usize| {
@@ -1193,7 +1203,7 @@ mod tests {
                 tx.send((name, r.is_ok())).unwrap();
             })
         };
-        // 20 KB does not fit beside the 27-36 KB queued; 1 KB would.
+        // 20 KB does not fit beside the 24-36 KB queued; 1 KB would.
         let large = spawn_send("large", 20_000);
         let deadline = Instant::now() + Duration::from_secs(10);
         while lock_state(&p.state.0).waiting.is_empty() {

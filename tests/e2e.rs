@@ -666,7 +666,8 @@ fn timestamp_lookups_cross_segments_and_survive_a_restart() {
         })
         .count();
     assert!(segments >= 5, "only {segments} segments");
-    // After a restart every lookup reads the segment files, not the tail cache.
+    // After a restart the lookups work from the time indexes and segment files as
+    // recovery reloaded them.
     let b = Broker::start(dir.path());
     check(&b.conn());
     b.stop();

@@ -648,10 +648,10 @@ fn a_timestamp_scan_needs_no_partition_and_outlives_its_segment() {
     assert!(p.timestamp_scan(TimestampMs(9_001), None).is_none());
     // Retention takes that segment while the scan is out (on a helper thread in a
     // shard): the partition says so, and the scan still reads its own map.
-    assert!(p.has_segment(Offset(2)));
+    assert!(p.segment_written_len(Offset(2)).is_some());
     let r = p.apply_retention(TimestampMs(10_000)).unwrap();
     assert_eq!(r.segments_deleted, 5);
-    assert!(!p.has_segment(Offset(2)));
+    assert_eq!(p.segment_written_len(Offset(2)), None);
     assert_eq!(scan.run().unwrap(), Some(Offset(2)));
     // The shard's lookup goes through the scans and finds what the log still holds.
     let cell = std::cell::RefCell::new(p);
@@ -683,6 +683,40 @@ fn a_timestamp_lookup_starts_again_when_retention_takes_its_segment() {
     assert_eq!(deleted, 5);
     assert_eq!(cell.borrow().log_start(), Offset(5));
     assert_eq!(got.unwrap(), Some(Offset(5)));
+}
+
+#[test]
+fn a_timestamp_lookup_scans_again_a_segment_written_while_it_ran() {
+    use ringbus::storage::partition::offset_for_timestamp_shared;
+    /// Appends one record of `len` bytes stamped `ts` ms, and writes it if `write`.
+    fn put<B: LogIo>(p: &mut Partition<B>, len: usize, ts: i64, write: bool) {
+        let wall = TimestampMs(ts);
+        p.append(&batch("v", 1, len, ts), Instant::now(), wall)
+            .unwrap();
+        if write {
+            p.flush_blocking().unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    io.yield_before_blocking.set(true);
+    let (mut p, _) = Partition::open(dir.path(), small_config(), io, TimestampMs(0)).unwrap();
+    // Offset 0 (1 s) is written; offset 1 (5 s), 40 KB, is appended but not yet.
+    put(&mut p, 100, 1_000, true);
+    put(&mut p, 40_000, 5_000, false);
+    let cell = std::cell::RefCell::new(p);
+    // While the lookup's scan of the first segment is out, offset 1 is written and
+    // offset 2 (6 s), which does not fit beside it, is written in a new segment.
+    let (got, ()) = futures_lite::future::block_on(futures_lite::future::zip(
+        offset_for_timestamp_shared(&cell, TimestampMs(5_000)),
+        async {
+            let mut p = cell.borrow_mut();
+            p.flush_blocking().unwrap();
+            put(&mut p, 40_000, 6_000, true);
+            assert_eq!(p.segment_count(), 2);
+        },
+    ));
+    assert_eq!(got.unwrap(), Some(Offset(1)), "skipped the batch at 5 s");
 }
 
 #[test]

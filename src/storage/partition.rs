@@ -1605,10 +1605,10 @@ impl<B: LogIo> Partition<B> {
             .find_map(|seg| seg.timestamp_scan(ts))
     }
 
-    /// Whether the segment based at `base` still belongs to the log (retention has
-    /// not taken it).
-    pub fn has_segment(&self, base: Offset) -> bool {
-        self.segments.iter().any(|s| s.base == base)
+    /// The written length of the segment based at `base`, or `None` when it is no
+    /// longer in the log (retention took it).
+    pub fn segment_written_len(&self, base: Offset) -> Option<u64> {
+        self.segment_at(base).map(|s| s.written_len)
     }
 
     /// Deletes the oldest sealed, fully written segments while the retention limits
@@ -1753,7 +1753,10 @@ pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset,
 /// thread. If retention takes that segment meanwhile, its answer may lie before
 /// the new log start, so the lookup starts again (the scan's clone of the map keeps
 /// the file from being recycled under it: see `mmap`); after a few such turns it
-/// gives up with an error rather than chase a log that moves that fast.
+/// gives up with an error rather than chase a log that moves that fast. If the
+/// segment was written further meanwhile, a scan that found nothing runs again over
+/// it before the lookup moves on: the batch it looks for may have been appended but
+/// not yet written when the scan began, and later segments may be written by now.
 pub async fn offset_for_timestamp_shared<B: LogIo>(
     part: &RefCell<Partition<B>>,
     ts: TimestampMs,
@@ -1765,9 +1768,9 @@ pub async fn offset_for_timestamp_shared<B: LogIo>(
         let Some(scan) = part.borrow().timestamp_scan(ts, after) else {
             return Ok(None);
         };
-        let base = scan.base;
+        let (base, scanned) = (scan.base, scan.written_len());
         let got = io.run_blocking(move || scan.run()).await;
-        if !part.borrow().has_segment(base) {
+        let Some(now_written) = part.borrow().segment_written_len(base) else {
             restarts += 1;
             if restarts > TIMESTAMP_LOOKUP_RESTARTS {
                 return Err(StorageError::io(
@@ -1778,9 +1781,11 @@ pub async fn offset_for_timestamp_shared<B: LogIo>(
             }
             after = None;
             continue;
-        }
+        };
         match got? {
             Some(o) => return Ok(Some(o)),
+            // Written further while the scan ran: look at this segment again.
+            None if now_written > scanned => {}
             None => after = Some(base),
         }
     }

@@ -1616,8 +1616,10 @@ impl<B: LogIo> Segment<B> {
     }
 
     /// What finding the first batch whose max timestamp is at or after `ts` has to
-    /// read in this segment, or `None` when no batch here can qualify. Uses only the in-memory indexes; the scan itself reads the map
-    /// (cold pages fault from the disk), so a shard runs it on a helper thread.
+    /// read in this segment, or `None` when no batch here can qualify. Uses only the
+    /// in-memory indexes; the scan itself reads the map (cold pages fault from the
+    /// disk), so a shard runs it on a helper thread. It covers the bytes written so
+    /// far: a qualifying batch appended but not yet written is not found.
     pub(crate) fn timestamp_scan(&self, ts: TimestampMs) -> Option<TimestampScan> {
         if self.max_timestamp.is_none_or(|m| m < ts) {
             return None;
@@ -1665,6 +1667,11 @@ pub struct TimestampScan {
 }
 
 impl TimestampScan {
+    /// The segment's written bytes that the scan covers.
+    pub fn written_len(&self) -> u64 {
+        self.written.len() as u64
+    }
+
     /// The first offset in the segment whose batch has a max timestamp at or after
     /// the lookup's, if one does.
     pub fn run(self) -> Result<Option<Offset>, StorageError> {
