@@ -686,6 +686,38 @@ fn a_timestamp_lookup_starts_again_when_retention_takes_its_segment() {
 }
 
 #[test]
+fn a_timestamp_lookup_that_retention_keeps_outrunning_still_answers() {
+    use ringbus::storage::partition::offset_for_timestamp_shared;
+    let dir = tempfile::tempdir().unwrap();
+    let io = FaultyIo::new(u32::MAX, u32::MAX);
+    io.yield_before_blocking.set(true);
+    let p = one_second_segments(dir.path(), io);
+    let cell = std::cell::RefCell::new(p);
+    // Each time the lookup's scan is out, retention takes the oldest segment (the
+    // one being scanned): 6 segments go, one at a time.
+    let mut now = 5_000;
+    let retention = std::future::poll_fn(|cx| {
+        now += 1_000;
+        let r = cell.borrow_mut().apply_retention(TimestampMs(now)).unwrap();
+        assert_eq!(r.segments_deleted, 1);
+        if now == 11_000 {
+            return std::task::Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    });
+    let (got, ()) = futures_lite::future::block_on(futures_lite::future::zip(
+        offset_for_timestamp_shared(&cell, TimestampMs(0)),
+        retention,
+    ));
+    // Segments 0-3 went under its first four scans, segment 4 under the fifth:
+    // then it answered in one go from the log as it was, starting at offset 5
+    // (and retention went on to take that one too).
+    assert_eq!(got.unwrap(), Some(Offset(5)));
+    assert_eq!(cell.borrow().log_start(), Offset(6));
+}
+
+#[test]
 fn a_timestamp_lookup_scans_again_a_segment_written_while_it_ran() {
     use ringbus::storage::partition::offset_for_timestamp_shared;
     /// Appends one record of `len` bytes stamped `ts` ms, and writes it if `write`.

@@ -1753,7 +1753,8 @@ pub async fn warm_for_read<B: LogIo>(part: &RefCell<Partition<B>>, from: Offset,
 /// thread. If retention takes that segment meanwhile, its answer may lie before
 /// the new log start, so the lookup starts again (the scan's clone of the map keeps
 /// the file from being recycled under it: see `mmap`); after a few such turns it
-/// gives up with an error rather than chase a log that moves that fast. If the
+/// scans on the calling thread instead ([`Partition::offset_for_timestamp`]),
+/// rather than chase a log that moves that fast, so it always answers. If the
 /// segment was written further meanwhile, a scan that found nothing runs again over
 /// it before the lookup moves on: the batch it looks for may have been appended but
 /// not yet written when the scan began, and later segments may be written by now.
@@ -1773,11 +1774,9 @@ pub async fn offset_for_timestamp_shared<B: LogIo>(
         let Some(now_written) = part.borrow().segment_written_len(base) else {
             restarts += 1;
             if restarts > TIMESTAMP_LOOKUP_RESTARTS {
-                return Err(StorageError::io(
-                    "timestamp lookup",
-                    &part.borrow().dir,
-                    std::io::Error::other("retention kept removing the segments it read"),
-                ));
+                // Retention keeps taking the segments being read: answer from the
+                // log as it is now, in one go.
+                return part.borrow().offset_for_timestamp(ts);
             }
             after = None;
             continue;
@@ -1792,7 +1791,7 @@ pub async fn offset_for_timestamp_shared<B: LogIo>(
 }
 
 /// How often [`offset_for_timestamp_shared`] starts again after retention took the
-/// segment it was reading.
+/// segment it was reading, before it scans on the calling thread.
 const TIMESTAMP_LOOKUP_RESTARTS: usize = 4;
 
 /// Brings what a read from `from` of about `max_bytes` needs into memory before the
