@@ -614,22 +614,8 @@ fn timestamp_lookups_cross_segments_and_survive_a_restart() {
     // 40 batches of 10 records of 1 KB (about 6 batches a segment): batch k holds
     // offsets 10k..10k+9, stamped 1,000,000 + 1,000k + j for record j.
     for k in 0..40i64 {
-        let mut builder = ringbus::batch::BatchBuilder::with_capacity(11_000);
-        for j in 0..10i64 {
-            let v = vec![b'v'; 1_000];
-            builder.push(ringbus::batch::RecordInput {
-                timestamp: ringbus::TimestampMs(1_000_000 + 1_000 * k + j),
-                key: None,
-                value: Some(&v),
-                headers: &[],
-            });
-        }
-        let r = c.call(&Request::Produce {
-            topic: "ts".into(),
-            partition: PartitionSelector::Partition(0),
-            durability: Durability::Fsync,
-            batches: bytes::Bytes::from(builder.finish()),
-        });
+        let req = produce_request_at("ts", 0, "v", 10, 1_000, |j| 1_000_000 + 1_000 * k + j);
+        let r = c.call(&req);
         assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
     }
     let check = |c: &Connection| {
@@ -789,7 +775,7 @@ fn connection_limit_and_config_file() {
 }
 
 /// A produce to `topic`/`partition` of one batch of `records` values `{tag}-{j}` of
-/// `value_len` bytes.
+/// `value_len` bytes, stamped 1,000 ms.
 fn produce_request(
     topic: &str,
     partition: u32,
@@ -797,12 +783,24 @@ fn produce_request(
     records: usize,
     value_len: usize,
 ) -> Request {
+    produce_request_at(topic, partition, tag, records, value_len, |_| 1_000)
+}
+
+/// [`produce_request`] with record `j` stamped `ts(j)` ms.
+fn produce_request_at(
+    topic: &str,
+    partition: u32,
+    tag: &str,
+    records: usize,
+    value_len: usize,
+    ts: impl Fn(i64) -> i64,
+) -> Request {
     let mut b = ringbus::batch::BatchBuilder::with_capacity(records * (value_len + 16));
     for j in 0..records {
         let mut v = format!("{tag}-{j}").into_bytes();
         v.resize(value_len, b'.');
         b.push(ringbus::batch::RecordInput {
-            timestamp: ringbus::TimestampMs(1_000),
+            timestamp: ringbus::TimestampMs(ts(j as i64)),
             key: None,
             value: Some(&v),
             headers: &[],

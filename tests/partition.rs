@@ -667,10 +667,7 @@ fn a_timestamp_scan_needs_no_partition_and_outlives_its_segment() {
 fn a_timestamp_lookup_starts_again_when_retention_takes_its_segment() {
     use ringbus::storage::partition::offset_for_timestamp_shared;
     let dir = tempfile::tempdir().unwrap();
-    let io = FaultyIo::new(u32::MAX, u32::MAX);
-    io.yield_before_blocking.set(true);
-    let p = one_second_segments(dir.path(), io);
-    let cell = std::cell::RefCell::new(p);
+    let cell = std::cell::RefCell::new(one_second_segments(dir.path(), FaultyIo::yielding()));
     // The lookup's first scan (segment 2) is out when retention deletes segments
     // 0-4: the answer must come from what the log holds afterwards, not offset 2.
     let (got, deleted) = futures_lite::future::block_on(futures_lite::future::zip(
@@ -689,10 +686,7 @@ fn a_timestamp_lookup_starts_again_when_retention_takes_its_segment() {
 fn a_timestamp_lookup_that_retention_keeps_outrunning_still_answers() {
     use ringbus::storage::partition::offset_for_timestamp_shared;
     let dir = tempfile::tempdir().unwrap();
-    let io = FaultyIo::new(u32::MAX, u32::MAX);
-    io.yield_before_blocking.set(true);
-    let p = one_second_segments(dir.path(), io);
-    let cell = std::cell::RefCell::new(p);
+    let cell = std::cell::RefCell::new(one_second_segments(dir.path(), FaultyIo::yielding()));
     // Each time the lookup's scan is out, retention takes the oldest segment (the
     // one being scanned): 6 segments go, one at a time.
     let mut now = 5_000;
@@ -730,8 +724,7 @@ fn a_timestamp_lookup_scans_again_a_segment_written_while_it_ran() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let io = FaultyIo::new(u32::MAX, u32::MAX);
-    io.yield_before_blocking.set(true);
+    let io = FaultyIo::yielding();
     let (mut p, _) = Partition::open(dir.path(), small_config(), io, TimestampMs(0)).unwrap();
     // Offset 0 (1 s) is written; offset 1 (5 s), 40 KB, is appended but not yet.
     put(&mut p, 100, 1_000, true);
@@ -820,6 +813,13 @@ impl FaultyIo {
 }
 
 impl FaultyIo {
+    /// No injected failures; `run_blocking` lets other futures run first.
+    fn yielding() -> FaultyIo {
+        let io = FaultyIo::new(u32::MAX, u32::MAX);
+        io.yield_before_blocking.set(true);
+        io
+    }
+
     fn tick(c: &Cell<u32>) -> std::io::Result<()> {
         if c.get() == 0 {
             return Err(std::io::Error::other("injected I/O error"));

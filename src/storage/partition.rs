@@ -1581,7 +1581,7 @@ impl<B: LogIo> Partition<B> {
 
     /// The first offset whose batch carries a timestamp at or after `ts`. Reads
     /// segment maps on the calling thread; a shard goes through
-    /// [`Partition::timestamp_scan`] instead.
+    /// [`offset_for_timestamp_shared`] instead.
     pub fn offset_for_timestamp(&self, ts: TimestampMs) -> Result<Option<Offset>, StorageError> {
         let mut after = None;
         while let Some(scan) = self.timestamp_scan(ts, after) {
