@@ -126,6 +126,26 @@ struct ServeArgs {
     /// Memory for the tail cache, all shards together (default: an eighth of RAM).
     #[arg(long)]
     tail_cache_bytes: Option<u64>,
+    /// How much of each partition's log start-up validates: from each segment's
+    /// last good index entry (default), or every batch of every segment.
+    #[arg(long, value_enum)]
+    recovery: Option<Recovery>,
+}
+
+/// `--recovery`: [`ringbus::storage::RecoveryPolicy`] as a flag value.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Recovery {
+    TailFromIndex,
+    Full,
+}
+
+impl From<Recovery> for ringbus::storage::RecoveryPolicy {
+    fn from(r: Recovery) -> Self {
+        match r {
+            Recovery::TailFromIndex => ringbus::storage::RecoveryPolicy::TailFromIndex,
+            Recovery::Full => ringbus::storage::RecoveryPolicy::Full,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -172,19 +192,29 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         placement,
         max_connections,
         max_frame_bytes,
-        request_memory_bytes,
-        segment_bytes,
-        flush_bytes,
-        flush_delay_us
+        request_memory_bytes
     );
+    let d = &mut c.topic_defaults;
+    if let Some(v) = a.segment_bytes {
+        d.segment_bytes = v;
+    }
+    if let Some(v) = a.flush_bytes {
+        d.flush_bytes = v;
+    }
+    if let Some(v) = a.flush_delay_us {
+        d.flush_delay_us = v;
+    }
     if a.segment_ms.is_some() {
-        c.segment_ms = a.segment_ms;
+        d.segment_ms = a.segment_ms;
     }
     if a.retention_bytes.is_some() {
-        c.retention_bytes = a.retention_bytes;
+        d.retention_bytes = a.retention_bytes;
     }
     if a.retention_ms.is_some() {
-        c.retention_ms = a.retention_ms;
+        d.retention_ms = a.retention_ms;
+    }
+    if let Some(r) = a.recovery {
+        d.recovery = r.into();
     }
     if a.tail_cache_bytes.is_some() {
         c.tail_cache_bytes = a.tail_cache_bytes;

@@ -29,6 +29,11 @@ impl Broker {
 
     /// With `extra` flags; two shards unless `extra` sets `--cores`.
     fn start_with(dir: &std::path::Path, extra: &[&str]) -> Broker {
+        Self::start_logging(dir, extra, Stdio::inherit())
+    }
+
+    /// [`Broker::start_with`], with the broker's log (stderr) going to `log`.
+    fn start_logging(dir: &std::path::Path, extra: &[&str], log: Stdio) -> Broker {
         let cores: &[&str] = if extra.contains(&"--cores") {
             &[]
         } else {
@@ -51,7 +56,7 @@ impl Broker {
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("start ringbus");
         // Read the first line on a helper thread, so a broker that never comes up
@@ -119,6 +124,15 @@ impl Drop for Broker {
 fn topic(parts: u32) -> TopicConfig {
     TopicConfig {
         partitions: parts,
+        ..TopicConfig::default()
+    }
+}
+
+/// One partition in segments of 64 KiB (a few 10 KB batches each).
+fn small_segments() -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        segment_bytes: Some(64 * 1024),
         ..TopicConfig::default()
     }
 }
@@ -605,12 +619,7 @@ fn timestamp_lookups_cross_segments_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let b = Broker::start(dir.path());
     let c = b.conn();
-    let cfg = TopicConfig {
-        partitions: 1,
-        segment_bytes: Some(64 * 1024),
-        ..TopicConfig::default()
-    };
-    c.create_topic("ts", cfg).unwrap();
+    c.create_topic("ts", small_segments()).unwrap();
     // 40 batches of 10 records of 1 KB (about 6 batches a segment): batch k holds
     // offsets 10k..10k+9, stamped 1,000,000 + 1,000k + j for record j.
     for k in 0..40i64 {
@@ -1567,4 +1576,43 @@ fn a_request_that_is_never_answered_times_out() {
     let got = read_partition(&b.addr, "hung", 0);
     assert_eq!(got.last().unwrap(), &(at, b"after".to_vec()));
     b.stop();
+}
+
+/// `--recovery full` validates every batch at start-up: damage inside a sealed
+/// segment, before its last index entry, is reported as the broker starts, where the
+/// default recovery (from each segment's last good index entry) does not read it.
+#[test]
+fn full_recovery_reports_damage_that_the_default_does_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let b = Broker::start_with(&data, &["--cores", "1"]);
+    let c = b.conn();
+    c.create_topic("r", small_segments()).unwrap();
+    // 20 batches of 10 KB: several sealed segments of a few batches each.
+    for i in 0..20 {
+        let r = c.call(&produce_request("r", 0, &format!("b{i}"), 10, 1000));
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    drop(c);
+    b.stop();
+    let seg = data.join("topics/r/0").join(format!("{:020}.log", 0));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    assert!(bytes.len() > 40 * 1024, "segment 0 holds several batches");
+    // Inside the first batch's records (after its 64-byte header).
+    bytes[200] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let log_of_start = |extra: &[&str], name: &str| -> String {
+        let path = dir.path().join(name);
+        let log = std::fs::File::create(&path).unwrap();
+        let b = Broker::start_logging(&data, extra, Stdio::from(log));
+        b.stop();
+        std::fs::read_to_string(&path).unwrap()
+    };
+    let default = log_of_start(&["--cores", "1"], "default.log");
+    assert!(!default.contains("recovered with repairs"), "{default}");
+    let full = log_of_start(&["--cores", "1", "--recovery", "full"], "full.log");
+    assert!(
+        full.contains("recovered with repairs") && full.contains("ChecksumMismatch"),
+        "{full}"
+    );
 }

@@ -12,6 +12,7 @@ pub mod shard;
 
 use crate::limits;
 use crate::storage::tail_cache::CacheMemory;
+use crate::storage::PartitionConfig;
 pub use placement::PlacementMode;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -45,13 +46,10 @@ pub struct ServerConfig {
     /// A response must be taken by its client within this long, or the connection
     /// is closed. Above 0.
     pub write_timeout_ms: u64,
-    /// Defaults for topics created without their own settings.
-    pub segment_bytes: u64,
-    pub segment_ms: Option<u64>,
-    pub retention_bytes: Option<u64>,
-    pub retention_ms: Option<u64>,
-    pub flush_bytes: u64,
-    pub flush_delay_us: u64,
+    /// Partition settings of topics that do not set their own (a topic may set
+    /// `segment_bytes`, `retention_bytes` and `retention_ms`), and the recovery
+    /// every partition runs at start-up. TOML: the `[topic_defaults]` table.
+    pub topic_defaults: PartitionConfig,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
     /// Memory for copies of recently written batches, which consumers near the tail
@@ -74,12 +72,7 @@ impl Default for ServerConfig {
             request_memory_bytes: limits::REQUEST_MEMORY_BYTES_DEFAULT,
             frame_timeout_ms: limits::FRAME_TIMEOUT_MS_DEFAULT,
             write_timeout_ms: limits::WRITE_TIMEOUT_MS_DEFAULT,
-            segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
-            segment_ms: None,
-            retention_bytes: None,
-            retention_ms: None,
-            flush_bytes: limits::FLUSH_BYTES_DEFAULT,
-            flush_delay_us: limits::FLUSH_DELAY_US_DEFAULT,
+            topic_defaults: PartitionConfig::default(),
             shutdown_grace_ms: 5_000,
             tail_cache_bytes: None,
         }
@@ -90,7 +83,31 @@ impl ServerConfig {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<ServerConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        ServerConfig::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Parses a TOML configuration. Partition settings at the top level (where
+    /// they were before the `[topic_defaults]` table) are refused with a pointer to it.
+    pub fn from_toml_str(text: &str) -> anyhow::Result<ServerConfig> {
+        toml::from_str(text).map_err(|e| {
+            let moved: Vec<String> = toml::from_str::<toml::Table>(text)
+                .map(|t| {
+                    t.keys()
+                        .filter(|k| TOPIC_DEFAULT_KEYS.contains(&k.as_str()))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            if moved.is_empty() {
+                anyhow::anyhow!("{e}")
+            } else {
+                anyhow::anyhow!(
+                    "{}\n{} belong in the [topic_defaults] table",
+                    e.to_string().trim_end(),
+                    moved.join(", ")
+                )
+            }
+        })
     }
 
     /// The tail cache of the whole broker, in bytes.
@@ -101,6 +118,17 @@ impl ServerConfig {
         })
     }
 }
+
+/// The keys of `[topic_defaults]` ([`PartitionConfig`]'s fields), for the hint above.
+const TOPIC_DEFAULT_KEYS: [&str; 7] = [
+    "segment_bytes",
+    "segment_ms",
+    "retention_bytes",
+    "retention_ms",
+    "flush_bytes",
+    "flush_delay_us",
+    "recovery",
+];
 
 /// State every shard shares (atomics only: no locks on the request path).
 #[derive(Debug)]
@@ -145,6 +173,12 @@ impl Broker {
         if config.frame_timeout_ms == 0 || config.write_timeout_ms == 0 {
             anyhow::bail!("frame_timeout_ms and write_timeout_ms must be above 0");
         }
+        // Checked here so that a bad default stops the broker at once, not every
+        // topic creation later.
+        config
+            .topic_defaults
+            .validate()
+            .map_err(|e| anyhow::anyhow!("topic_defaults: {e}"))?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
         let irq_cpus = placement::disk_irq_cpus(&config.data_dir);
@@ -367,4 +401,82 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     let _ = signal_thread.join();
     tracing::info!("ringbus stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::RecoveryPolicy;
+
+    #[test]
+    fn topic_defaults_come_from_their_table() {
+        let c = ServerConfig::from_toml_str(
+            "max_connections = 7\n\
+             [topic_defaults]\n\
+             segment_bytes = 1048576\n\
+             retention_ms = 60000\n\
+             recovery = \"full\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_connections, 7);
+        let d = &c.topic_defaults;
+        assert_eq!(d.segment_bytes, 1 << 20);
+        assert_eq!(d.retention_ms, Some(60_000));
+        assert_eq!(d.recovery, RecoveryPolicy::Full);
+        // What the table does not set keeps its default.
+        let base = PartitionConfig::default();
+        assert_eq!(d.flush_bytes, base.flush_bytes);
+        assert_eq!(d.retention_bytes, None);
+    }
+
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README has a toml block");
+        let c = ServerConfig::from_toml_str(block).unwrap();
+        assert_eq!(c.topic_defaults.recovery, RecoveryPolicy::Full);
+        assert_eq!(c.topic_defaults.retention_ms, Some(604_800_000));
+    }
+
+    #[test]
+    fn partition_settings_at_the_top_level_point_to_the_table() {
+        let e = ServerConfig::from_toml_str("segment_bytes = 1048576\nretention_ms = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\nretention_ms, segment_bytes belong in the [topic_defaults] table"),
+            "{e}"
+        );
+        let e = ServerConfig::from_toml_str("[topic_defaults]\nsegment_size = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `segment_size`"), "{e}");
+        let e = ServerConfig::from_toml_str("[topic_defaults]\nrecovery = \"some\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `some`"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_topic_default_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
+        config.topic_defaults.segment_bytes = 10;
+        let e = match Broker::start(config) {
+            Ok(_) => panic!("a broker started with segment_bytes 10"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("topic_defaults: ") && e.contains("segment_bytes 10"),
+            "{e}"
+        );
+    }
 }

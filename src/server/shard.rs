@@ -263,15 +263,12 @@ async fn stop_slot(slot: &Slot) -> Result<(), StorageError> {
 
 impl Shard {
     fn partition_config(&self, cfg: &TopicConfig) -> PartitionConfig {
-        let c = &self.shared.config;
+        let d = &self.shared.config.topic_defaults;
         PartitionConfig {
-            segment_bytes: cfg.segment_bytes.unwrap_or(c.segment_bytes),
-            segment_ms: c.segment_ms,
-            retention_bytes: cfg.retention_bytes.or(c.retention_bytes),
-            retention_ms: cfg.retention_ms.or(c.retention_ms),
-            flush_bytes: c.flush_bytes,
-            flush_delay_us: c.flush_delay_us,
-            ..PartitionConfig::default()
+            segment_bytes: cfg.segment_bytes.unwrap_or(d.segment_bytes),
+            retention_bytes: cfg.retention_bytes.or(d.retention_bytes),
+            retention_ms: cfg.retention_ms.or(d.retention_ms),
+            ..d.clone()
         }
     }
 

@@ -60,8 +60,10 @@ impl std::str::FromStr for Durability {
     }
 }
 
-/// How much of the log recovery validates on open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How much of the log recovery validates on open. In a broker's TOML file:
+/// `recovery = "tail_from_index"` (the default) or `"full"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RecoveryPolicy {
     /// Validate each segment from its last index entry that checks out against the
     /// log; rebuild the index from the start of the segment when none does.
@@ -71,7 +73,11 @@ pub enum RecoveryPolicy {
     Full,
 }
 
-#[derive(Debug, Clone)]
+/// How a partition rolls, keeps, flushes and recovers its log. A broker holds one as
+/// the defaults of its topics (`[topic_defaults]` in its TOML file), which a topic's
+/// own settings override.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PartitionConfig {
     /// Roll when the active segment cannot take the next batch within this size.
     pub segment_bytes: u64,
@@ -87,6 +93,7 @@ pub struct PartitionConfig {
     /// producer waits for fsync durability and under `flush_bytes / 4` is pending:
     /// that data is written at once.
     pub flush_delay_us: u64,
+    /// How much of the log is validated when the partition opens.
     pub recovery: RecoveryPolicy,
 }
 
@@ -105,7 +112,8 @@ impl Default for PartitionConfig {
 }
 
 impl PartitionConfig {
-    fn validate(&self) -> Result<u64, StorageError> {
+    /// Checks the settings; returns the segment capacity they give (block-aligned).
+    pub fn validate(&self) -> Result<u64, StorageError> {
         if !(limits::SEGMENT_BYTES_MIN..=limits::SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
             return Err(StorageError::Config(format!(
                 "segment_bytes {} outside [{}, {}]",
