@@ -331,6 +331,128 @@ fn hole_in_an_untrimmed_sealed_segment_cuts_the_log_there() {
     assert_eq!(batches(&p), kept);
 }
 
+/// Every record value at or after `from` in `batches` (as [`batches`] returns them).
+fn values_from(batches: &[(Offset, Vec<u8>)], from: Offset) -> Vec<(Offset, Vec<u8>)> {
+    let chunks: Vec<bytes::Bytes> = batches
+        .iter()
+        .map(|(_, b)| bytes::Bytes::from(b.clone()))
+        .collect();
+    let mut out = Vec::new();
+    push_values(&chunks, from, &mut out);
+    out
+}
+
+/// Flips one bit in the third batch of the segment at `base` in `dir`; returns the
+/// offsets that segment's batches start at, and where the damaged one is.
+fn damage_third_batch(dir: &Path, base: Offset) -> (Vec<Offset>, usize) {
+    let path = log_path(dir, base);
+    let mut b = std::fs::read(&path).unwrap();
+    let mut starts = Vec::new();
+    scan(&b, 0, Some(base), |x| {
+        starts.push((x.position, x.base_offset))
+    });
+    assert!(starts.len() > 6, "{} batches", starts.len());
+    b[starts[2].0 as usize + 80] ^= 0x10;
+    std::fs::write(&path, &b).unwrap();
+    (starts.iter().map(|s| s.1).collect(), 2)
+}
+
+/// Full recovery validates every batch, and damage it finds before a segment's
+/// last index entry is bit rot in bytes written whole once: it is reported and
+/// kept, and the batches after it stay readable. Regression: in a sealed segment
+/// still at its preallocated size (a crash before its trim), such damage was taken
+/// for a flush cut short and every later segment was deleted.
+#[test]
+fn full_recovery_reports_early_damage_in_an_untrimmed_sealed_segment_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = several_segments(dir.path(), "u");
+    let all = batches(&p);
+    let bases = p.segment_bases();
+    assert!(bases.len() >= 3);
+    drop(p);
+    let (starts, bad) = damage_third_batch(dir.path(), Offset(0));
+    // Undo the trim, as a crash between the sync and the trim leaves it.
+    let path = log_path(dir.path(), Offset(0));
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(64 * 1024)
+        .unwrap();
+    let full = PartitionConfig {
+        recovery: RecoveryPolicy::Full,
+        ..small_config()
+    };
+    let (p, report) = open(dir.path(), full);
+    assert!(
+        report.removed_files.is_empty(),
+        "{:?}",
+        report.removed_files
+    );
+    assert_eq!(p.segment_bases(), bases);
+    assert_eq!(p.next_offset(), all.last().unwrap().0.plus(2));
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(report.corruptions.len(), 1, "{:?}", report.corruptions);
+    assert!(
+        matches!(report.corruptions[0], StorageError::ChecksumMismatch { .. }),
+        "{}",
+        report.corruptions[0]
+    );
+    // The damaged batch fails its read; the one after it and later segments read.
+    assert!(p.read(starts[bad], 1).is_err());
+    assert_eq!(
+        read_all(&p, starts[bad + 1]),
+        values_from(&all, starts[bad + 1])
+    );
+}
+
+/// The same in the active segment: the default recovery, which starts at the last
+/// index entry, never reads the damage; the full one reports it and cuts nothing
+/// (it used to cut the log at the damage, dropping every later batch).
+#[test]
+fn full_recovery_reports_early_damage_in_the_active_segment_and_cuts_nothing() {
+    let src = tempfile::tempdir().unwrap();
+    let all = fill(src.path(), 40, 100);
+    let (starts, bad) = damage_third_batch(src.path(), Offset(0));
+    let full = PartitionConfig {
+        recovery: RecoveryPolicy::Full,
+        ..small_config()
+    };
+    for (config, reported) in [(small_config(), 0), (full, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let (mut p, report) = open(dir.path(), config.clone());
+        assert_eq!(
+            report.corruptions.len(),
+            reported,
+            "{:?}",
+            report.corruptions
+        );
+        assert_eq!(report.truncated_bytes, 0);
+        let next = all.last().unwrap().0.plus(u64::from(
+            BatchRef::parse(&all.last().unwrap().1)
+                .unwrap()
+                .record_count(),
+        ));
+        assert_eq!(p.next_offset(), next);
+        assert!(p.read(starts[bad], 1).is_err());
+        assert_eq!(
+            read_all(&p, starts[bad + 1]),
+            values_from(&all, starts[bad + 1])
+        );
+        // Appends go on after the last batch, and a second recovery agrees.
+        assert_eq!(
+            append(&mut p, &batch("more", 2, 50, 2_000)).base_offset,
+            next
+        );
+        p.flush_blocking().unwrap();
+        drop(p);
+        let (p, again) = open(dir.path(), config);
+        assert_eq!(again.truncated_bytes, 0);
+        assert_eq!(p.next_offset(), next.plus(2));
+    }
+}
+
 /// The base offset is outside the CRC; a damaged one in a sealed segment must
 /// give a typed error on read, never a panic or a silently skipped batch.
 #[test]

@@ -137,6 +137,20 @@ fn small_segments() -> TopicConfig {
     }
 }
 
+/// How many segment logs (`.log` files) a partition directory holds.
+fn log_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count()
+}
+
 /// Every value in a partition from offset 0, with offsets.
 fn read_partition(addr: &str, topic: &str, p: u32) -> Vec<(Offset, Vec<u8>)> {
     let mut c = Consumer::new(addr, topic, p, Offset(0)).unwrap();
@@ -650,16 +664,7 @@ fn timestamp_lookups_cross_segments_and_survive_a_restart() {
     check(&c);
     drop(c);
     b.stop();
-    let segments = std::fs::read_dir(dir.path().join("topics/ts/0"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "log")
-        })
-        .count();
+    let segments = log_files(&dir.path().join("topics/ts/0"));
     assert!(segments >= 5, "only {segments} segments");
     // After a restart the lookups work from the time indexes and segment files as
     // recovery reloaded them.
@@ -1146,14 +1151,8 @@ fn age_retention_expires_an_idle_partition_and_delete_leaves_nothing() {
     let latest = c.list_offsets("aged", 0, OffsetSpec::Latest).unwrap();
     assert_eq!(latest, Offset(100));
     let part_dir = dir.path().join("topics").join("aged").join("0");
-    let logs = |d: &std::path::Path| {
-        std::fs::read_dir(d)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension() == Some("log".as_ref()))
-            .count()
-    };
     assert!(
-        logs(&part_dir) >= 5,
+        log_files(&part_dir) >= 5,
         "the data should span several segments"
     );
     // The producer kept its batches to `batch_bytes` (while its sender was busy,
@@ -1597,14 +1596,38 @@ fn full_recovery_reports_damage_that_the_default_does_not_read() {
     b.stop();
     let seg = data.join("topics/r/0").join(format!("{:020}.log", 0));
     let mut bytes = std::fs::read(&seg).unwrap();
-    assert!(bytes.len() > 40 * 1024, "segment 0 holds several batches");
+    // Several batches, and trimmed to its length at the stop.
+    assert!(
+        bytes.len() > 40 * 1024 && bytes.len() < 64 * 1024,
+        "{}",
+        bytes.len()
+    );
+    let segments = log_files(&data.join("topics/r/0"));
+    assert!(segments >= 3, "{segments} segments");
     // Inside the first batch's records (after its 64-byte header).
     bytes[200] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();
+    // Every start keeps every batch after the damaged first one, in every segment.
     let log_of_start = |extra: &[&str], name: &str| -> String {
         let path = dir.path().join(name);
         let log = std::fs::File::create(&path).unwrap();
         let b = Broker::start_logging(&data, extra, Stdio::from(log));
+        let mut c = Consumer::new(&b.addr, "r", 0, Offset(10)).unwrap();
+        let mut values = Vec::new();
+        loop {
+            let recs = c.poll(Duration::ZERO).unwrap();
+            if recs.is_empty() {
+                break;
+            }
+            values.extend(recs.into_iter().map(|r| (r.offset, r.value.unwrap())));
+        }
+        assert_eq!(values.len(), 190, "{name}: records after the damaged batch");
+        for (k, (offset, v)) in values.iter().enumerate() {
+            let k = k as u64 + 10;
+            assert_eq!(*offset, Offset(k));
+            assert!(v.starts_with(format!("b{}-{}.", k / 10, k % 10).as_bytes()));
+        }
+        drop(c);
         b.stop();
         std::fs::read_to_string(&path).unwrap()
     };
@@ -1614,5 +1637,12 @@ fn full_recovery_reports_damage_that_the_default_does_not_read() {
     assert!(
         full.contains("recovered with repairs") && full.contains("ChecksumMismatch"),
         "{full}"
+    );
+    assert!(!full.contains("truncated a torn"), "{full}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "segment 0 was changed");
+    assert_eq!(
+        log_files(&data.join("topics/r/0")),
+        segments,
+        "a segment was dropped"
     );
 }

@@ -90,7 +90,7 @@ impl ServerConfig {
     /// they were before the `[topic_defaults]` table) are refused with a pointer to it.
     pub fn from_toml_str(text: &str) -> anyhow::Result<ServerConfig> {
         toml::from_str(text).map_err(|e| {
-            let moved: Vec<String> = toml::from_str::<toml::Table>(text)
+            let mut moved: Vec<String> = toml::from_str::<toml::Table>(text)
                 .map(|t| {
                     t.keys()
                         .filter(|k| TOPIC_DEFAULT_KEYS.contains(&k.as_str()))
@@ -98,6 +98,7 @@ impl ServerConfig {
                         .collect()
                 })
                 .unwrap_or_default();
+            moved.sort();
             if moved.is_empty() {
                 anyhow::anyhow!("{e}")
             } else {

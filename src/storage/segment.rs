@@ -443,7 +443,7 @@ pub(crate) struct SegmentRecovery {
     pub(crate) truncated_at: Option<u64>,
     pub(crate) trimmed_bytes: u64,
     pub(crate) index_rebuilt: bool,
-    pub(crate) corruption: Option<StorageError>,
+    pub(crate) corruption: Vec<StorageError>,
     pub(crate) batches_scanned: u64,
     /// Bytes cut after the last batch of a recycled active segment (its earlier
     /// contents, and any write that was never acknowledged), instead of
@@ -617,6 +617,29 @@ impl SpareSegment {
     }
 }
 
+/// The error for a scan of the segment at `path` that stopped at `position`.
+fn stop_error(path: &Path, position: u64, stop: ScanStop) -> StorageError {
+    match stop {
+        ScanStop::Invalid(e) => StorageError::at(path, position, e),
+        ScanStop::OffsetGap { expected, found } => StorageError::OffsetGap {
+            segment: path.to_owned(),
+            position,
+            expected,
+            found,
+        },
+        // A zero header where batches should go on (recovery's scan never stops
+        // early; `Stopped` is listed only to keep this match exhaustive).
+        ScanStop::End | ScanStop::Zeros | ScanStop::Stopped => StorageError::CorruptBatch {
+            segment: path.to_owned(),
+            position,
+            source: batch::BatchError::Truncated {
+                needed: HEADER_LEN,
+                available: 0,
+            },
+        },
+    }
+}
+
 fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
     OpenOptions::new()
         .read(true)
@@ -775,31 +798,39 @@ impl<B: LogIo> Segment<B> {
         };
         let mut seg = Self::assemble(dir, base, path.clone(), files, file_len, pool, now);
 
-        // Where to start validating.
-        let mut start = (0u64, base);
-        let trusted = match (&on_disk_index, &on_disk_time) {
-            (Some(ix), Some(tx)) if !full && !ix.is_empty() => {
-                let last = *ix.last().expect("non-empty");
-                let at = &scan_map[last.position as usize..];
-                let expect = base
-                    .0
-                    .checked_add(u64::from(last.relative_offset))
-                    .map(Offset);
-                match BatchRef::parse(at) {
-                    Ok(b) if Some(b.base_offset()) == expect => {
-                        let expect = b.base_offset();
-                        start = (u64::from(last.position), expect);
-                        seg.index = ix.clone();
-                        seg.time_index = tx
-                            .iter()
-                            .copied()
-                            .take_while(|t| t.relative_offset <= last.relative_offset)
-                            .collect();
-                        seg.max_timestamp = seg.time_index.last().map(|t| t.max_timestamp);
-                        true
-                    }
-                    _ => false,
+        // An on-disk index entry that checks out against the log: the batch there
+        // parses whole with the offset the entry names (position, offset).
+        let check = |e: &IndexEntry| {
+            let expect = base.0.checked_add(u64::from(e.relative_offset)).map(Offset);
+            match BatchRef::parse(scan_map.get(e.position as usize..)?) {
+                Ok(b) if Some(b.base_offset()) == expect => {
+                    Some((u64::from(e.position), b.base_offset()))
                 }
+                _ => None,
+            }
+        };
+        // The last entry, if it checks out: the index is written only after the
+        // bytes it points into, so the log was whole up to there once
+        // (`vouched`: position, offset, relative offset).
+        let vouched = match &on_disk_index {
+            Some(ix) if on_disk_time.is_some() => ix
+                .last()
+                .and_then(|e| check(e).map(|(pos, at)| (pos, at, e.relative_offset))),
+            _ => None,
+        };
+        // Where to start validating: the vouched entry, unless `full`.
+        let mut start = (0u64, base);
+        let trusted = match (vouched, &on_disk_index, &on_disk_time) {
+            (Some((pos, at, rel)), Some(ix), Some(tx)) if !full => {
+                start = (pos, at);
+                seg.index = ix.clone();
+                seg.time_index = tx
+                    .iter()
+                    .copied()
+                    .take_while(|t| t.relative_offset <= rel)
+                    .collect();
+                seg.max_timestamp = seg.time_index.last().map(|t| t.max_timestamp);
+                true
             }
             _ => false,
         };
@@ -807,6 +838,31 @@ impl<B: LogIo> Segment<B> {
         // Scan; `note_batch` rebuilds index entries past the trusted point.
         let mut infos = Vec::new();
         let mut scanned = scan(&scan_map, start.0, Some(start.1), |b| infos.push(*b));
+        // Where a full scan went on past damage (indexes into `infos`).
+        let mut resumed = Vec::new();
+        if let (true, Some((last_pos, ..)), Some(ix)) = (full, vouched, &on_disk_index) {
+            while scanned.end < last_pos {
+                // A full scan stopped before the last index entry: damage to bytes
+                // written whole once (bit rot, or a stray write), not a write that
+                // a crash cut short. Reported, and the scan goes on from the first
+                // index entry past it that checks out (the last one at the latest),
+                // so a full recovery never cuts or drops more than the default one.
+                let err = stop_error(&path, scanned.end, scanned.stop.clone());
+                tracing::error!(segment = %path.display(), error = %err,
+                    "damage before the last index entry; keeping the batches after it");
+                rec.corruption.push(err);
+                let end = scanned.end;
+                let Some((pos, at)) = ix
+                    .iter()
+                    .filter(|e| u64::from(e.position) > end)
+                    .find_map(&check)
+                else {
+                    break; // not reached: the last entry checks out
+                };
+                resumed.push(infos.len());
+                scanned = scan(&scan_map, pos, Some(at), |b| infos.push(*b));
+            }
+        }
         // Offsets relative to the base and positions must fit the u32 index
         // fields; appends roll long before, so only a crafted file gets here.
         let fits = |b: &BatchInfo| {
@@ -823,7 +879,11 @@ impl<B: LogIo> Segment<B> {
             });
             infos.truncate(bad);
         }
-        for b in &infos {
+        for (i, b) in infos.iter().enumerate() {
+            if resumed.contains(&i) {
+                // Reads after the damage must start here, not scan into it.
+                seg.push_index_entry(b.position, b.base_offset);
+            }
             seg.note_batch(b.position, b.base_offset, b.last_offset, b.max_timestamp);
         }
         rec.batches_scanned = infos.len() as u64;
@@ -897,29 +957,9 @@ impl<B: LogIo> Segment<B> {
                     rec.incomplete = true;
                     return Ok((seg, rec));
                 } else if garbage_end as u64 > end && !complete {
-                    let err = match scanned.stop.clone() {
-                        ScanStop::Invalid(e) => StorageError::at(&path, end, e),
-                        ScanStop::OffsetGap { expected, found } => StorageError::OffsetGap {
-                            segment: path.clone(),
-                            position: end,
-                            expected,
-                            found,
-                        },
-                        // Recovery's scan never stops early; `Stopped` is listed
-                        // only to keep this match exhaustive.
-                        ScanStop::End | ScanStop::Zeros | ScanStop::Stopped => {
-                            StorageError::CorruptBatch {
-                                segment: path.clone(),
-                                position: end,
-                                source: batch::BatchError::Truncated {
-                                    needed: HEADER_LEN,
-                                    available: 0,
-                                },
-                            }
-                        }
-                    };
+                    let err = stop_error(&path, end, scanned.stop.clone());
                     tracing::error!(segment = %path.display(), error = %err, "corrupt sealed segment; keeping its bytes");
-                    rec.corruption = Some(err);
+                    rec.corruption.push(err);
                     (file_len, next_base, file_len)
                 } else if next != next_base && file_len > end {
                     rec.incomplete = true;
@@ -939,7 +979,7 @@ impl<B: LogIo> Segment<B> {
                             found: next_base,
                         };
                         tracing::error!(error = %err, "offsets missing between segments");
-                        rec.corruption = Some(err);
+                        rec.corruption.push(err);
                     }
                     (end, next, end)
                 }
@@ -1040,6 +1080,16 @@ impl<B: LogIo> Segment<B> {
                 relative_offset: rel,
             });
         }
+    }
+
+    /// An offset-index entry for the batch at `position`, whatever the interval.
+    fn push_index_entry(&mut self, position: u64, base: Offset) {
+        let relative_offset = self.rel(base);
+        let position = u32::try_from(position).expect("segment position fits u32");
+        self.index.push(IndexEntry {
+            relative_offset,
+            position,
+        });
     }
 
     fn push_final_time_entry(&mut self) {
