@@ -42,7 +42,7 @@ fn main() {
                 .write(true)
                 .open(&path)
                 .expect("create");
-            ringbus::storage::io::preallocate(&f, TOTAL).expect("fallocate");
+            ringbus::storage::io::size_and_reserve(&f, TOTAL, TOTAL).expect("fallocate");
             drop(f);
             let file = Rc::new(
                 OpenOptions::new()

@@ -30,6 +30,22 @@ pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 /// Segment positions are stored as u32 in the offset index, so a segment is < 4 GiB.
 pub const SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
 
+/// Disk a new segment reserves at first (`fallocate`): the file is `segment_bytes`
+/// long from the start, but blocks are reserved only ahead of the appends, so an
+/// idle partition holds 4 MiB, not a whole segment (a topic of 400 partitions
+/// reserved 100 GiB before any data came, and failed with ENOSPC on a 73 GiB disk).
+pub const SEGMENT_ALLOC_FIRST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Largest step by which the reserved part of the active segment grows. Each step
+/// doubles what is reserved, up to this; the partition's driver reserves the next
+/// step once the appends are half a step from the end of the reserved part. Spare
+/// segments, made only for partitions busy enough to fill half a segment, reserve
+/// this much at once. Appends that outrun a reservation still running write into
+/// the hole (the filesystem allocates; on a full disk that write fails and fences
+/// the partition); after a failed reservation, appends past the reserved part are
+/// refused instead (docs/FORMAT.md §1).
+pub const SEGMENT_ALLOC_STEP_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 /// One sparse index entry per 4 KiB of log keeps the index at 8 B / 4 KiB = 0.2% of
 /// the log and bounds the scan after an index lookup to about 4 KiB plus one batch.
 pub const INDEX_INTERVAL_BYTES: u64 = 4096;

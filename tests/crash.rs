@@ -515,3 +515,42 @@ fn crafted_offsets_beyond_u32_are_cut_not_a_panic() {
     );
     assert!(report.truncated_bytes > 0);
 }
+
+/// Recovery cuts a torn tail of a segment whose blocks are reserved only in part:
+/// the file is its full length again, reads zeros after the cut, and has its
+/// blocks reserved past the recovered end.
+#[test]
+fn a_torn_tail_in_a_partly_reserved_segment_is_cut_and_reserved_again() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = PartitionConfig {
+        segment_bytes: 64 << 20,
+        ..PartitionConfig::default()
+    };
+    let (mut p, _) = open(dir.path(), config.clone());
+    for i in 0..20 {
+        append(&mut p, &batch(&format!("t{i}"), 10, 5_000, 1_000));
+    }
+    p.flush_blocking().unwrap();
+    let all = batches(&p);
+    drop(p);
+    let path = log_path(dir.path(), Offset(0));
+    let written = scan(&std::fs::read(&path).unwrap(), 0, Some(Offset(0)), |_| {}).end;
+    // A torn write: garbage after the last batch, reaching past the reserved 4 MiB.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0x5a; 8192], written).unwrap();
+    f.write_all_at(&[0x5a; 4096], 6 << 20).unwrap();
+    drop(f);
+    let report = check_recovered(dir.path(), &all, config);
+    assert!(report.truncated_bytes > 0);
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 >= 4 << 20,
+        "{} bytes reserved",
+        m.blocks() * 512
+    );
+    let b = std::fs::read(&path).unwrap();
+    assert!(b[(6 << 20)..(6 << 20) + 4096].iter().all(|&x| x == 0));
+}

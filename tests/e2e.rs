@@ -1646,3 +1646,68 @@ fn full_recovery_reports_damage_that_the_default_does_not_read() {
         "a segment was dropped"
     );
 }
+
+/// A topic of many partitions reserves a few MiB of disk per partition, not a
+/// whole segment each: 100 partitions of 1 GiB segments used to reserve 100 GiB at
+/// creation (and a topic of 400 partitions of the default 256 MiB failed with
+/// ENOSPC on a disk with 73 GiB free).
+#[test]
+fn a_topic_of_many_partitions_reserves_little_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path());
+    let c = b.conn();
+    let cfg = TopicConfig {
+        partitions: 100,
+        segment_bytes: Some(1 << 30),
+        ..TopicConfig::default()
+    };
+    c.create_topic("wide", cfg).unwrap();
+    let p = Producer::new(&b.addr, ProducerConfig::default()).unwrap();
+    let receipts: Vec<_> = (0..100u32)
+        .map(|part| p.send("wide", Some(part), None, b"x", &[]).unwrap())
+        .collect();
+    for r in receipts {
+        r.wait().unwrap();
+    }
+    drop(p);
+    use std::os::unix::fs::MetadataExt;
+    let (mut logs, mut reserved) = (0, 0);
+    for part in 0..100 {
+        for e in std::fs::read_dir(dir.path().join(format!("topics/wide/{part}"))).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "log") {
+                let m = std::fs::metadata(&path).unwrap();
+                assert_eq!(m.len(), 1 << 30, "a segment is its full length");
+                logs += 1;
+                reserved += m.blocks() * 512;
+            }
+        }
+    }
+    assert_eq!(logs, 100);
+    assert!(reserved <= 100 * (5 << 20), "{reserved} bytes reserved");
+    assert_eq!(
+        read_partition(&b.addr, "wide", 42),
+        vec![(Offset(0), b"x".to_vec())]
+    );
+    // A busy partition's driver reserves ahead of its appends: after 12 MB, the
+    // reserved part has doubled from 4 to 32 MiB (a write into a hole would take
+    // only the blocks it writes).
+    for i in 0..12 {
+        let r = c.call(&produce_request("wide", 0, &format!("big{i}"), 1000, 1000));
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    let log = dir.path().join(format!("topics/wide/0/{:020}.log", 0));
+    let started = Instant::now();
+    let reserved = loop {
+        let n = std::fs::metadata(&log).unwrap().blocks() * 512;
+        if n >= 24 << 20 || started.elapsed() > Duration::from_secs(10) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        reserved >= 24 << 20,
+        "{reserved} bytes reserved after 12 MB"
+    );
+    b.stop();
+}

@@ -2120,3 +2120,72 @@ fn a_failed_retirement_is_retried_before_any_newer_segment_goes() {
     assert_eq!(got.len() as u64, next.0 - start.0);
     assert!(got.iter().zip(start.0..).all(|((o, _), want)| o.0 == want));
 }
+
+/// Blocks the segment file `path` holds on disk, in bytes.
+fn reserved_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A segment is its full length from the start but reserves its blocks in steps
+/// ahead of the appends (a new partition holds 4 MiB of disk, not a segment), and
+/// the driver's reservations double the reserved part as the appends come near it.
+#[test]
+fn segments_reserve_their_blocks_ahead_of_the_appends() {
+    use ringbus::storage::partition::reserve_blocks_shared;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = PartitionConfig {
+        segment_bytes: 64 * MIB,
+        ..PartitionConfig::default()
+    };
+    let (p, _) = open(dir.path(), config);
+    let log = ringbus::storage::segment::log_path(dir.path(), Offset(0));
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 64 * MIB);
+    let first = reserved_bytes(&log);
+    assert!(
+        (4 * MIB..5 * MIB).contains(&first),
+        "{first} bytes reserved"
+    );
+    let p = std::cell::RefCell::new(p);
+    let reserve = || futures_lite::future::block_on(reserve_blocks_shared(&p));
+    assert!(
+        !reserve(),
+        "nothing to reserve before the appends come near"
+    );
+    let mut appended = 0u64;
+    let mut fill_to = |mib: u64| {
+        while appended < mib * MIB {
+            let b = batch(&format!("r{appended}"), 10, 10_000, 1_000);
+            appended += b.len() as u64;
+            append(&mut p.borrow_mut(), &b);
+        }
+    };
+    // Half a step (2 MiB) from the end of the first 4 MiB: the next 4 MiB.
+    fill_to(1);
+    assert!(!reserve());
+    fill_to(3);
+    assert!(reserve());
+    assert!(!reserve(), "one step at a time");
+    assert!(reserved_bytes(&log) >= 8 * MIB);
+    // Then 8 MiB more once the appends are 4 MiB from its end.
+    fill_to(4);
+    assert!(reserve());
+    let reserved = reserved_bytes(&log);
+    assert!((16 * MIB..17 * MIB).contains(&reserved), "{reserved}");
+    let mut p = p.into_inner();
+    p.flush_blocking().unwrap();
+    let n = read_all(&p, Offset(0)).len();
+    drop(p);
+    // Recovery starts from what is written: the data, and the file's length.
+    let (p, report) = open(
+        dir.path(),
+        PartitionConfig {
+            segment_bytes: 64 * MIB,
+            ..PartitionConfig::default()
+        },
+    );
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(read_all(&p, Offset(0)).len(), n);
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 64 * MIB);
+}

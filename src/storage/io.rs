@@ -228,23 +228,48 @@ impl LogIo for StdIo {
     }
 }
 
-/// Reserves `len` bytes of disk for `file` (and extends it to `len`), so appends
-/// never allocate blocks and a full disk shows up at segment creation.
-pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+/// Sets a segment file's length to `len` (the rest reads as zeros) and reserves its
+/// first `reserve` bytes ([`allocate`]); returns how many bytes are reserved.
+pub fn size_and_reserve(file: &File, len: u64, reserve: u64) -> io::Result<u64> {
+    file.set_len(len)?;
+    let reserve = reserve.min(len);
+    allocate(file, 0, reserve)?;
+    Ok(reserve)
+}
+
+/// Reserves the blocks of `file` in `[from, from + len)` without changing its
+/// length (`FALLOC_FL_KEEP_SIZE`): writes there allocate nothing, and a full disk
+/// shows up here, before the writes. Blocks already there stay as they are.
+/// Filesystems without `fallocate` reserve nothing (writes allocate as they go).
+pub fn allocate(file: &File, from: u64, len: u64) -> io::Result<()> {
+    #[cfg(test)]
+    if FAIL_ALLOCATIONS.with(std::cell::Cell::get) {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let from =
+        libc::off_t::try_from(from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let len =
         libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: fallocate reads no memory of ours; the fd is valid for the borrow of
     // `file`.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, from, len) };
     if rc == 0 {
         return Ok(());
     }
     let err = io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        // Filesystems without fallocate still get the right length.
-        return file.set_len(len as u64);
+        return Ok(());
     }
     Err(err)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes [`allocate`] fail with ENOSPC on this thread (unit tests).
+    pub(crate) static FAIL_ALLOCATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Sets the extended attribute `name` (no value) on `file`: a mark for recovery's

@@ -373,6 +373,7 @@ pub struct Partition<B: LogIo> {
     cache: Option<CacheBudget>,
     /// Where the next segment comes from.
     spare: Spare,
+    reserve: Reserve,
     /// Bumped when a spare is wanted, for the driver that creates it.
     spare_kicks: Watermark,
     /// A roll happened and retention limits are set: the driver applies retention
@@ -481,6 +482,53 @@ enum Spare {
     /// Creating one failed: the next roll creates its segment in place (and
     /// reports the error if it fails again); the one after asks anew.
     Failed,
+}
+
+/// Reserving more of the active segment's blocks ahead of the appends
+/// ([`Partition::begin_allocation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reserve {
+    Idle,
+    /// Asked for; the driver has not started it yet.
+    Wanted,
+    /// Running on a helper thread.
+    Running,
+    /// The last reservation failed (a full disk): appends that reach past the
+    /// reserved part reserve on the shard's thread first, and are refused if that
+    /// fails too, so the disk filling up costs appends an error, not the partition.
+    Failed,
+}
+
+/// One reservation of a segment's blocks, run off the shard's thread
+/// ([`Allocation::run`]).
+#[derive(Debug)]
+pub struct Allocation {
+    base: Offset,
+    file: std::fs::File,
+    path: PathBuf,
+    from: u64,
+    to: u64,
+}
+
+impl Allocation {
+    /// Reserves `[from, to)` of the segment's file. Blocks. Does nothing to a file
+    /// already cut to its length (sealed and trimmed after a roll meanwhile):
+    /// blocks reserved past its end would stay until the file is deleted.
+    pub fn run(&self) -> std::io::Result<()> {
+        if self.file.metadata()?.len() < self.to {
+            return Ok(());
+        }
+        crate::storage::io::allocate(&self.file, self.from, self.to - self.from)
+    }
+}
+
+/// How far past `allocated` the active segment's next reservation reaches: it
+/// doubles what is reserved, by at least the first and at most the largest step.
+fn reserve_step(allocated: u64) -> u64 {
+    allocated.clamp(
+        limits::SEGMENT_ALLOC_FIRST_BYTES,
+        limits::SEGMENT_ALLOC_STEP_MAX_BYTES,
+    )
 }
 
 impl Spare {
@@ -652,6 +700,7 @@ impl<B: LogIo> Partition<B> {
             kicks: Watermark::new(0),
             cache: None,
             spare: Spare::Idle,
+            reserve: Reserve::Idle,
             spare_kicks: Watermark::new(0),
             retention_due: false,
             dir_unsynced: false,
@@ -779,6 +828,7 @@ impl<B: LogIo> Partition<B> {
         if active.room() < len || too_old || offsets_full {
             self.roll(wall)?;
         }
+        self.reserve_for_append(len)?;
         let base = self.next_offset;
         let io = &self.io;
         let active = self.segments.back_mut().expect("at least one segment");
@@ -786,6 +836,7 @@ impl<B: LogIo> Partition<B> {
         self.next_offset = active.next_offset;
         assert_eq!(self.next_offset, base.plus(span));
         self.want_spare_if_due();
+        self.want_allocation_if_due();
         let pending = self.pending_bytes();
         self.pending_since.get_or_insert(now);
         self.appended.advance(self.next_offset.0);
@@ -829,6 +880,10 @@ impl<B: LogIo> Partition<B> {
             .expect("at least one segment")
             .seal();
         self.segments.push_back(seg);
+        if self.reserve == Reserve::Failed {
+            // The new segment came with its own first reservation.
+            self.reserve = Reserve::Idle;
+        }
         if self.config.retention_bytes.is_some() || self.config.retention_ms.is_some() {
             self.retention_due = true;
             self.spare_kicks.advance(self.spare_kicks.get() + 1);
@@ -895,6 +950,89 @@ impl<B: LogIo> Partition<B> {
             self.spare = Spare::Wanted;
             self.spare_kicks.advance(self.spare_kicks.get() + 1);
         }
+    }
+
+    /// Asks the driver to reserve more of the active segment once the appends are
+    /// within half a step of the end of its reserved part.
+    fn want_allocation_if_due(&mut self) {
+        let s = self.segments.back().expect("at least one segment");
+        let due = s.allocated < s.capacity && s.len + reserve_step(s.allocated) / 2 >= s.allocated;
+        if due && self.reserve == Reserve::Idle {
+            self.reserve = Reserve::Wanted;
+            self.spare_kicks.advance(self.spare_kicks.get() + 1);
+        }
+    }
+
+    /// If a reservation is wanted, marks it running and returns it, to be run off
+    /// the shard's thread and handed to [`Partition::complete_allocation`].
+    pub fn begin_allocation(&mut self) -> Option<Allocation> {
+        if self.fenced.is_some() || self.reserve != Reserve::Wanted {
+            return None;
+        }
+        let s = self.segments.back().expect("at least one segment");
+        let to = (s.allocated + reserve_step(s.allocated)).min(s.capacity);
+        let job = s.file_handle().map(|file| Allocation {
+            base: s.base,
+            file,
+            path: s.path.clone(),
+            from: s.allocated,
+            to,
+        });
+        match job {
+            Ok(job) => {
+                self.reserve = Reserve::Running;
+                Some(job)
+            }
+            Err(e) => {
+                tracing::warn!(segment = %s.path.display(), error = %e, "could not reserve the segment's next blocks");
+                self.reserve = Reserve::Failed;
+                None
+            }
+        }
+    }
+
+    /// Takes the outcome of an [`Allocation`]. A failure is only logged here; the
+    /// appends that reach past the reserved part then reserve first
+    /// ([`Partition::append_valid`]).
+    pub fn complete_allocation(&mut self, job: &Allocation, result: std::io::Result<()>) {
+        let active = self.segments.back_mut().expect("at least one segment");
+        if active.base != job.base {
+            // Rolled meanwhile; the new segment has its own reservation.
+            self.reserve = Reserve::Idle;
+        } else {
+            match result {
+                Ok(()) => {
+                    active.allocated = active.allocated.max(job.to);
+                    self.reserve = Reserve::Idle;
+                }
+                Err(e) => {
+                    tracing::warn!(segment = %job.path.display(), from = job.from, to = job.to, error = %e,
+                        "could not reserve the segment's next blocks");
+                    self.reserve = Reserve::Failed;
+                }
+            }
+        }
+        self.want_allocation_if_due();
+    }
+
+    /// Before an append of `len` bytes to the active segment: after a reservation
+    /// failed, one that reaches past the reserved part reserves first, here on the
+    /// shard's thread, and is refused (nothing appended, the partition unharmed)
+    /// if the disk is still full. While the driver's reservation is only late, the
+    /// append goes ahead: the filesystem allocates what it writes past the
+    /// reserved part.
+    fn reserve_for_append(&mut self, len: u64) -> Result<(), StorageError> {
+        let s = self.segments.back_mut().expect("at least one segment");
+        if self.reserve != Reserve::Failed || s.len + len <= s.allocated {
+            return Ok(());
+        }
+        let to = (s.allocated + reserve_step(s.allocated))
+            .max(segment::align_up(s.len + len))
+            .min(s.capacity);
+        s.reserve_blocks(to)
+            .map_err(|e| StorageError::io("fallocate", &s.path, e))?;
+        self.reserve = Reserve::Idle;
+        Ok(())
     }
 
     /// Keeps copies of the batches appended from now on in memory under `budget`
@@ -2075,6 +2213,24 @@ pub async fn prepare_spare_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> boo
     true
 }
 
+/// Reserves more of the active segment's blocks if the partition wants that, on a
+/// helper thread (the partition is not borrowed meanwhile); returns whether it
+/// tried.
+pub async fn reserve_blocks_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> bool {
+    let Some(job) = part.borrow_mut().begin_allocation() else {
+        return false;
+    };
+    let io = part.borrow().io.clone();
+    let (job, result) = io
+        .run_blocking(move || {
+            let r = job.run();
+            (job, r)
+        })
+        .await;
+    part.borrow_mut().complete_allocation(&job, result);
+    true
+}
+
 /// Runs one sync job on a shared partition; returns whether one ran.
 pub async fn sync_shared<B: LogIo>(part: &RefCell<Partition<B>>) -> Result<bool, StorageError> {
     let job = part.borrow_mut().begin_sync();
@@ -2158,5 +2314,98 @@ mod tests {
             retire_plan(&gone),
             [Retire::Remove(Offset(0)), Retire::Remove(Offset(10))]
         );
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// A partition of 64 MiB segments (more than the first reservation) in `dir`.
+    fn open_64mib(dir: &Path) -> Partition<crate::storage::io::StdIo> {
+        let config = PartitionConfig {
+            segment_bytes: 64 * MIB,
+            ..PartitionConfig::default()
+        };
+        let io = crate::storage::io::StdIo::default();
+        Partition::open(dir, config, io, TimestampMs(0)).unwrap().0
+    }
+
+    /// A batch of `records` values of `value_len` bytes.
+    fn batch_of(records: usize, value_len: usize) -> Vec<u8> {
+        let v = vec![b'x'; value_len];
+        let mut b = crate::batch::BatchBuilder::with_capacity(records * (value_len + 16));
+        for _ in 0..records {
+            b.push(crate::batch::RecordInput {
+                timestamp: TimestampMs(0),
+                key: None,
+                value: Some(&v),
+                headers: &[],
+            });
+        }
+        b.finish()
+    }
+
+    /// A full disk at a reservation costs appends an error, not the partition:
+    /// the failed reservation is retried on the append that needs it, which is
+    /// refused while that fails too and goes through once it does.
+    #[test]
+    fn a_failed_reservation_refuses_the_appends_past_it_until_the_disk_has_room() {
+        use crate::storage::io::FAIL_ALLOCATIONS;
+        let dir = tempfile::tempdir().unwrap();
+        let p = RefCell::new(open_64mib(dir.path()));
+        let batch = batch_of(10, 100_000);
+        let append = |_: usize| {
+            p.borrow_mut()
+                .append(&batch, Instant::now(), TimestampMs(0))
+        };
+        // 3 MB in: the driver's reservation is due, and fails.
+        for i in 0..3 {
+            append(i).unwrap();
+        }
+        FAIL_ALLOCATIONS.with(|f| f.set(true));
+        assert!(futures_lite::future::block_on(reserve_blocks_shared(&p)));
+        assert_eq!(p.borrow().reserve, Reserve::Failed);
+        assert_eq!(p.borrow().segments.back().unwrap().allocated, 4 * MIB);
+        // Appends within the reserved 4 MiB go on; the one past it is refused.
+        append(3).unwrap();
+        let before = p.borrow().next_offset;
+        let err = append(4).unwrap_err();
+        assert!(err.to_string().contains("fallocate"), "{err}");
+        assert_eq!(p.borrow().next_offset, before, "nothing appended");
+        assert!(p.borrow().fenced.is_none());
+        // Room again: the same append reserves first and goes through.
+        FAIL_ALLOCATIONS.with(|f| f.set(false));
+        append(4).unwrap();
+        assert_ne!(p.borrow().reserve, Reserve::Failed);
+        assert!(p.borrow().segments.back().unwrap().allocated >= 8 * MIB);
+        p.borrow_mut().flush_blocking().unwrap();
+        assert_eq!(p.borrow().next_offset, Offset(50));
+    }
+
+    /// A reservation that completes after a roll belongs to the sealed segment: the
+    /// new active one keeps its own reserved part, and a failed state ends with
+    /// the roll (the new segment came with its own first reservation).
+    #[test]
+    fn a_reservation_outlived_by_a_roll_changes_nothing_of_the_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open_64mib(dir.path());
+        let batch = batch_of(3, 1 << 20);
+        p.append(&batch, Instant::now(), TimestampMs(0)).unwrap();
+        let job = p
+            .begin_allocation()
+            .expect("3 MiB in: a reservation is due");
+        assert_eq!(p.reserve, Reserve::Running);
+        p.roll(TimestampMs(0)).unwrap();
+        let new_base = p.segments.back().unwrap().base;
+        assert_ne!(new_base, job.base);
+        p.complete_allocation(&job, job.run());
+        assert_eq!(p.segments.back().unwrap().allocated, 4 * MIB);
+        assert_eq!(p.reserve, Reserve::Idle);
+        // A failure, then a roll: the new segment starts unfailed.
+        p.append(&batch, Instant::now(), TimestampMs(0)).unwrap();
+        let job = p.begin_allocation().expect("due again");
+        p.complete_allocation(&job, Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert_eq!(p.reserve, Reserve::Failed);
+        p.roll(TimestampMs(0)).unwrap();
+        assert_eq!(p.reserve, Reserve::Idle);
+        p.flush_blocking().unwrap();
     }
 }

@@ -1,4 +1,5 @@
-//! One segment: a preallocated `<base offset, 20 digits>.log` file with its sparse
+//! One segment: a `<base offset, 20 digits>.log` file, sized to its capacity from the
+//! start with its blocks reserved ahead of the appends, and its sparse
 //! `.index` and `.timeindex`. Owns appending into staging chunks, handing written
 //! chunks to a flush, zero-copy reads, and the recovery scan of one file.
 //!
@@ -8,12 +9,12 @@
 //! (1 MiB). A flush takes the filled chunks and writes them with O_DIRECT through the
 //! [`LogIo`] backend; the last partial 4 KiB block is carried into the next chunk (a
 //! copy of at most 4 KiB) and written again next time with more bytes behind it.
-//! Read path: `Bytes` slices of a read-only map of the whole preallocated file,
+//! Read path: `Bytes` slices of a read-only map of the whole file,
 //! limited to the bytes whose write has completed.
 
 use crate::batch::{self, BatchRef, HEADER_LEN};
 use crate::limits::{
-    COLD_WARM_BYTES_MAX, INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_BUFFERS_FREE_MAX,
+    self, COLD_WARM_BYTES_MAX, INDEX_INTERVAL_BYTES, IO_ALIGN_BYTES, STAGING_BUFFERS_FREE_MAX,
     STAGING_CHUNK_BYTES,
 };
 use crate::storage::index::{self, IndexEntry, TimeEntry};
@@ -110,7 +111,7 @@ pub struct BatchInfo {
 pub enum ScanStop {
     /// Reached the end of the bytes exactly at a batch boundary.
     End,
-    /// Found an all-zero header: the unwritten, preallocated part of a segment.
+    /// Found an all-zero header: the unwritten part of a segment.
     Zeros,
     /// Found bytes that are not a valid batch.
     Invalid(batch::BatchError),
@@ -367,6 +368,11 @@ pub(crate) struct Segment<B: LogIo> {
     map_watch: MapWatch,
     /// Preallocated file length (active) or real length (sealed).
     pub(crate) capacity: u64,
+    /// Bytes from the start whose blocks are reserved (`fallocate`); the active
+    /// segment's driver reserves more ahead of the appends
+    /// (`Partition::begin_allocation`). Past it the file is a hole, which reads as
+    /// zeros and takes writes all the same (the filesystem allocates them).
+    pub(crate) allocated: u64,
     pub(crate) state: SegmentState,
     /// Bytes appended (staged or written).
     pub(crate) len: u64,
@@ -432,7 +438,7 @@ pub(crate) enum Role {
     /// Not the last segment: the next segment starts at `next_base`. A file still
     /// `capacity` long was never trimmed, so it was not fully synced before a crash.
     Sealed { next_base: Offset, capacity: u64 },
-    /// The last segment, which takes appends; preallocate it to `capacity`.
+    /// The last segment, which takes appends; sized to `capacity`.
     Active { capacity: u64 },
 }
 
@@ -484,13 +490,21 @@ struct SegmentFiles {
     time_file: File,
     map: Bytes,
     map_watch: MapWatch,
+    /// Bytes from the file's start whose blocks are reserved.
+    allocated: u64,
 }
 
 impl SegmentFiles {
-    /// Creates `[log, index, time index]`, preallocates the log to `capacity`,
-    /// syncs `dir` and maps the log. Blocks for about a millisecond here (the
-    /// directory sync is a journal commit).
-    fn create(dir: &Path, paths: &[PathBuf; 3], capacity: u64) -> Result<Self, StorageError> {
+    /// Creates `[log, index, time index]`, sizes the log to `capacity` with its
+    /// first `reserve` bytes reserved ([`sio::size_and_reserve`]), syncs `dir` and
+    /// maps the log. Blocks for about a millisecond here (the directory sync is a
+    /// journal commit).
+    fn create(
+        dir: &Path,
+        paths: &[PathBuf; 3],
+        capacity: u64,
+        reserve: u64,
+    ) -> Result<Self, StorageError> {
         let [path, index_path, time_path] = paths;
         let file = OpenOptions::new()
             .read(true)
@@ -498,11 +512,14 @@ impl SegmentFiles {
             .create_new(true)
             .open(path)
             .map_err(|e| StorageError::io("create", path, e))?;
-        if let Err(e) = sio::preallocate(&file, capacity) {
-            // Leave nothing behind, or every later roll would fail on the name.
-            let _ = std::fs::remove_file(path);
-            return Err(StorageError::io("fallocate", path, e));
-        }
+        let allocated = match sio::size_and_reserve(&file, capacity, reserve) {
+            Ok(n) => n,
+            Err(e) => {
+                // Leave nothing behind, or every later roll would fail on the name.
+                let _ = std::fs::remove_file(path);
+                return Err(StorageError::io("fallocate", path, e));
+            }
+        };
         let index_file = open_rw(index_path, true)?;
         let time_file = open_rw(time_path, true)?;
         index_file
@@ -512,7 +529,7 @@ impl SegmentFiles {
             .set_len(0)
             .map_err(|e| StorageError::io("truncate", time_path, e))?;
         sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
-        Self::finish(file, index_file, time_file, path, capacity)
+        Self::finish(file, index_file, time_file, path, capacity, allocated)
     }
 
     /// Maps `file` and assembles the set.
@@ -522,6 +539,7 @@ impl SegmentFiles {
         time_file: File,
         path: &Path,
         capacity: u64,
+        allocated: u64,
     ) -> Result<Self, StorageError> {
         let (map, map_watch) =
             map_watched(&file, capacity).map_err(|e| StorageError::io("mmap", path, e))?;
@@ -531,6 +549,7 @@ impl SegmentFiles {
             time_file,
             map,
             map_watch,
+            allocated,
         })
     }
 }
@@ -556,12 +575,17 @@ impl SpareSegment {
     /// left there. Blocks; meant for a helper thread.
     pub(crate) fn create(dir: &Path, capacity: u64) -> Result<SpareSegment, StorageError> {
         remove_existing(spare_paths(dir))?;
-        let files = SegmentFiles::create(dir, &spare_paths(dir), capacity)?;
+        let files = SegmentFiles::create(
+            dir,
+            &spare_paths(dir),
+            capacity,
+            limits::SEGMENT_ALLOC_STEP_MAX_BYTES,
+        )?;
         Ok(SpareSegment { files, capacity })
     }
 
     /// Makes the spare from the file of the expired segment at `base` instead of a
-    /// new one: its log becomes `spare.log` (extended and preallocated to `capacity`
+    /// new one: its log becomes `spare.log` (sized to `capacity`, reserved as a spare
     /// again), its indexes are removed and new empty ones created, and `dir` is
     /// synced. The blocks it had written stay written, so writes into them need no
     /// unwritten-extent conversion (a metadata write and, with `discard`, a discard
@@ -601,14 +625,25 @@ impl SpareSegment {
         std::fs::rename(&from, log).map_err(|e| StorageError::io("rename", &from, e))?;
         remove_files(dir, base)?;
         let file = open_rw(log, false)?;
-        sio::preallocate(&file, capacity).map_err(|e| StorageError::io("fallocate", log, e))?;
+        // The old segment's blocks up to its length stay written (reserving them
+        // again costs nothing); past it, reserve as for a spare.
+        let written = file
+            .metadata()
+            .map_err(|e| StorageError::io("stat", log, e))?
+            .len();
+        let allocated = sio::size_and_reserve(
+            &file,
+            capacity,
+            written.max(limits::SEGMENT_ALLOC_STEP_MAX_BYTES),
+        )
+        .map_err(|e| StorageError::io("fallocate", log, e))?;
         if let Err(e) = sio::set_mark(&file, RECYCLED_MARK) {
             tracing::debug!(file = %log.display(), error = %e, "could not mark a recycled segment");
         }
         let index_file = open_rw(index_path, true)?;
         let time_file = open_rw(time_path, true)?;
         sio::sync_dir(dir).map_err(|e| StorageError::io("fsync dir", dir, e))?;
-        let files = SegmentFiles::finish(file, index_file, time_file, log, capacity)?;
+        let files = SegmentFiles::finish(file, index_file, time_file, log, capacity, allocated)?;
         Ok(SpareSegment { files, capacity })
     }
 
@@ -651,7 +686,7 @@ fn open_rw(path: &Path, create: bool) -> Result<File, StorageError> {
 }
 
 impl<B: LogIo> Segment<B> {
-    /// Creates a new, empty, preallocated segment (every blocking step of a roll,
+    /// Creates a new, empty segment with its first blocks reserved (every blocking step of a roll,
     /// on the calling thread; [`Segment::from_spare`] is the cheap way).
     pub(crate) fn create(
         dir: &Path,
@@ -661,7 +696,7 @@ impl<B: LogIo> Segment<B> {
         now: TimestampMs,
     ) -> Result<Self, StorageError> {
         let paths = segment_paths(dir, base);
-        let f = SegmentFiles::create(dir, &paths, capacity)?;
+        let f = SegmentFiles::create(dir, &paths, capacity, limits::SEGMENT_ALLOC_FIRST_BYTES)?;
         let [path, _, _] = paths;
         Ok(Self::assemble(dir, base, path, f, capacity, pool, now))
     }
@@ -712,6 +747,7 @@ impl<B: LogIo> Segment<B> {
             time_file,
             map,
             map_watch,
+            allocated,
         } = files;
         Segment {
             base,
@@ -727,6 +763,7 @@ impl<B: LogIo> Segment<B> {
             map,
             map_watch,
             capacity,
+            allocated,
             state: SegmentState::Active,
             len: 0,
             next_offset: base,
@@ -795,6 +832,7 @@ impl<B: LogIo> Segment<B> {
             time_file,
             map: Bytes::new(),
             map_watch: MapWatch::default(),
+            allocated: file_len,
         };
         let mut seg = Self::assemble(dir, base, path.clone(), files, file_len, pool, now);
 
@@ -923,14 +961,28 @@ impl<B: LogIo> Segment<B> {
                         reason = ?scanned.stop, "truncated a torn or corrupt tail"
                     );
                 }
+                // Reserved ahead of the appends as for a new segment (the blocks
+                // before `end` hold data already).
+                let reserve = align_up(end) + limits::SEGMENT_ALLOC_FIRST_BYTES;
                 if garbage_end as u64 > end || file_len != capacity {
-                    // Cut at the last valid batch, then preallocate again: the new
-                    // blocks read as zeros, so stale bytes can never resurface as data.
+                    // Cut at the last valid batch, then size the file again: what
+                    // follows reads as zeros, so stale bytes can never resurface as
+                    // data.
                     seg.file
                         .set_len(end)
                         .map_err(|e| StorageError::io("truncate", &path, e))?;
-                    sio::preallocate(&seg.file, capacity)
-                        .map_err(|e| StorageError::io("fallocate", &path, e))?;
+                    seg.file
+                        .set_len(capacity)
+                        .map_err(|e| StorageError::io("truncate", &path, e))?;
+                    // Best effort: a broker must start on a full disk (the driver
+                    // reserves from the written end on).
+                    seg.allocated = match sio::allocate(&seg.file, 0, reserve.min(capacity)) {
+                        Ok(()) => reserve.min(capacity),
+                        Err(e) => {
+                            tracing::warn!(segment = %path.display(), error = %e, "could not reserve blocks past the recovered end");
+                            align_up(end).min(capacity)
+                        }
+                    };
                     if recycled {
                         // Past `end` the file now reads as zeros, like a new one.
                         sio::clear_mark(&seg.file, RECYCLED_MARK)
@@ -939,6 +991,10 @@ impl<B: LogIo> Segment<B> {
                     seg.file
                         .sync_all()
                         .map_err(|e| StorageError::io("fsync", &path, e))?;
+                } else {
+                    // Only the written blocks are known to be there; the driver
+                    // reserves from there (a start on a full disk must not fail).
+                    seg.allocated = align_up(end).min(capacity);
                 }
                 (end, next, capacity)
             }
@@ -1155,6 +1211,20 @@ impl<B: LogIo> Segment<B> {
         chunk.buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
         chunk.filled = bytes.len();
         chunk
+    }
+
+    /// A second handle on the segment's file (for a reservation off the shard).
+    pub(crate) fn file_handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Reserves the file's blocks up to `to`, here and now (blocks).
+    pub(crate) fn reserve_blocks(&mut self, to: u64) -> std::io::Result<()> {
+        if to > self.allocated {
+            sio::allocate(&self.file, self.allocated, to - self.allocated)?;
+            self.allocated = to;
+        }
+        Ok(())
     }
 
     /// Room left for appends.
@@ -1503,7 +1573,7 @@ impl<B: LogIo> Segment<B> {
     /// Marks a sealed, fully durable segment trimmed and closes its writer; returns
     /// the cut still to make on disk ([`Trim::run`], which blocks for 0.2-0.5 ms, so
     /// the caller may run it elsewhere). Until it is made, the file keeps its
-    /// preallocated tail, which recovery trims if a crash comes first.
+    /// capacity-long tail, which recovery trims if a crash comes first.
     pub(crate) fn trim(&mut self) -> Result<Trim, StorageError> {
         assert_eq!(self.state, SegmentState::Sealed { trimmed: false });
         assert!(self.fully_synced());

@@ -7,8 +7,8 @@
 use crate::limits;
 use crate::storage::io::{LogIo, WriteBuf};
 use crate::storage::partition::{
-    apply_retention_shared, prepare_spare_shared, run_write_shared, sync_shared, FlushDue,
-    FlushScope, Partition,
+    apply_retention_shared, prepare_spare_shared, reserve_blocks_shared, run_write_shared,
+    sync_shared, FlushDue, FlushScope, Partition,
 };
 use crate::storage::watermark::Watermark;
 use crate::storage::StorageError;
@@ -239,8 +239,9 @@ fn write_dma(
 ///   `Memory` waiters as each write completes;
 /// - the syncer issues one fdatasync whenever written bytes are not yet durable,
 ///   covering everything written before it (group commit), waking `Fsync` waiters;
-/// - the spare maker creates the next segment's files on a helper thread once the
-///   active segment is half full, so a roll only renames them.
+/// - the spare maker reserves the active segment's next blocks ahead of the
+///   appends, and creates the next segment's files once the active segment is half
+///   full (so a roll only renames them), both on a helper thread.
 ///
 /// Writes therefore keep streaming while a sync is in flight. Returns after a final
 /// write and sync once `stop` reaches 1, or with the error that fenced the partition.
@@ -276,6 +277,10 @@ async fn spare_loop<B: LogIo>(part: &RefCell<Partition<B>>, writer_done: &Waterm
     let mut next_check = Instant::now() + period;
     loop {
         let seen = kicks.get();
+        // First, so that appends keep writing into reserved blocks.
+        if reserve_blocks_shared(part).await {
+            continue;
+        }
         let periodic = Instant::now() >= next_check;
         if periodic {
             next_check = Instant::now() + period;
