@@ -487,21 +487,20 @@ impl Shard {
                     })?);
                     pos += len;
                 }
-                let (bases, wait) = {
-                    let mut part = slot.part.borrow_mut();
-                    let mut bases = Vec::with_capacity(valid.len());
-                    let mut last = None;
-                    for b in valid {
-                        let a = part
-                            .append_valid(b, Instant::now(), TimestampMs::now())
-                            .map_err(storage_error)?;
-                        bases.push(a.base_offset);
-                        last = Some(a.last_offset);
-                    }
-                    let last = last.ok_or((
+                if valid.is_empty() {
+                    return Err((
                         ErrorCode::MalformedRequest,
                         "produce without batches".to_owned(),
-                    ))?;
+                    ));
+                }
+                let (bases, wait) = {
+                    let mut part = slot.part.borrow_mut();
+                    // All or none (see `Partition::append_all`).
+                    let appended = part
+                        .append_all(&valid, Instant::now(), TimestampMs::now())
+                        .map_err(storage_error)?;
+                    let last = appended.last().expect("at least one batch").last_offset;
+                    let bases = appended.iter().map(|a| a.base_offset).collect();
                     (bases, part.wait_for(last, durability))
                 };
                 wait.await

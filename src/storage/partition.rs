@@ -801,6 +801,57 @@ impl<B: LogIo> Partition<B> {
         self.append_valid(b, now, wall)
     }
 
+    /// Appends the batches of one request, all or none: whatever can refuse an
+    /// append (a batch larger than a segment, the roll to a new segment, reserving
+    /// blocks on a full disk) is done or checked before the first batch goes in, so
+    /// a refused request leaves nothing behind that a retry would duplicate. To
+    /// that end a request that does not fit in the active segment starts a new one
+    /// (the active segment is sealed with that room unused). Only a request larger
+    /// than a whole segment is appended batch by batch, and may be cut where a
+    /// later roll fails.
+    pub fn append_all(
+        &mut self,
+        batches: &[ValidBatch<'_>],
+        now: Instant,
+        wall: TimestampMs,
+    ) -> Result<Vec<Appended>, StorageError> {
+        self.check_fenced()?;
+        let mut total = 0u64;
+        let mut span = 0u64;
+        for b in batches {
+            let b = b.batch();
+            if b.len() as u64 > self.capacity {
+                return Err(StorageError::BatchTooLarge {
+                    len: b.len(),
+                    segment_bytes: self.capacity,
+                });
+            }
+            total += b.len() as u64;
+            span += u64::from(b.header().last_offset_delta.get()) + 1;
+        }
+        if batches.len() > 1 && total <= self.capacity {
+            if self.needs_roll(total, span, wall) {
+                self.roll(wall)?;
+            }
+            self.reserve_for_append(total)?;
+        }
+        batches
+            .iter()
+            .map(|&b| self.append_valid(b, now, wall))
+            .collect()
+    }
+
+    /// Whether `len` bytes holding `span` offsets need a new segment first.
+    fn needs_roll(&self, len: u64, span: u64, wall: TimestampMs) -> bool {
+        let active = self.segments.back().expect("at least one segment");
+        let too_old = self.config.segment_ms.is_some_and(|ms| {
+            !active.is_empty()
+                && wall.0.saturating_sub(active.created.0) >= i64::try_from(ms).unwrap_or(i64::MAX)
+        });
+        let offsets_full = self.next_offset.0 - active.base.0 + span > u64::from(u32::MAX);
+        active.room() < len || too_old || offsets_full
+    }
+
     /// [`Partition::append`] of a batch already checked whole (the broker checks
     /// every batch of a request before appending any).
     pub fn append_valid(
@@ -819,13 +870,7 @@ impl<B: LogIo> Partition<B> {
             });
         }
         let span = u64::from(b.header().last_offset_delta.get()) + 1;
-        let active = self.segments.back().expect("at least one segment");
-        let too_old = self.config.segment_ms.is_some_and(|ms| {
-            !active.is_empty()
-                && wall.0.saturating_sub(active.created.0) >= i64::try_from(ms).unwrap_or(i64::MAX)
-        });
-        let offsets_full = self.next_offset.0 - active.base.0 + span > u64::from(u32::MAX);
-        if active.room() < len || too_old || offsets_full {
+        if self.needs_roll(len, span, wall) {
             self.roll(wall)?;
         }
         self.reserve_for_append(len)?;
@@ -2406,6 +2451,71 @@ mod tests {
         assert_eq!(p.reserve, Reserve::Failed);
         p.roll(TimestampMs(0)).unwrap();
         assert_eq!(p.reserve, Reserve::Idle);
+        p.flush_blocking().unwrap();
+    }
+
+    /// A request's batches go in all or none: a refused reservation refuses the
+    /// whole request, where batch by batch the first two would have gone in (and a
+    /// retry would have written them twice).
+    #[test]
+    fn a_request_refused_for_room_appends_none_of_its_batches() {
+        use crate::storage::io::FAIL_ALLOCATIONS;
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open_64mib(dir.path());
+        let big = batch_of(10, 100_000);
+        for _ in 0..3 {
+            p.append(&big, Instant::now(), TimestampMs(0)).unwrap();
+        }
+        FAIL_ALLOCATIONS.with(|f| f.set(true));
+        let job = p.begin_allocation().expect("due");
+        p.complete_allocation(&job, job.run());
+        assert_eq!(p.reserve, Reserve::Failed);
+        // 3 MB in, 4 MiB reserved: two of these fit, the third does not.
+        let half = batch_of(5, 100_000);
+        let request: Vec<_> = (0..3).map(|_| ValidBatch::parse(&half).unwrap()).collect();
+        let before = (p.next_offset, p.segments.back().unwrap().len);
+        assert!(p
+            .append_all(&request, Instant::now(), TimestampMs(0))
+            .is_err());
+        assert_eq!((p.next_offset, p.segments.back().unwrap().len), before);
+        FAIL_ALLOCATIONS.with(|f| f.set(false));
+        let a = p
+            .append_all(&request, Instant::now(), TimestampMs(0))
+            .unwrap();
+        let bases: Vec<_> = a.iter().map(|a| a.base_offset).collect();
+        assert_eq!(bases, [Offset(30), Offset(35), Offset(40)]);
+        p.flush_blocking().unwrap();
+    }
+
+    /// A request that does not fit in the active segment starts a new one, so a
+    /// failing roll can only refuse all of it.
+    #[test]
+    fn a_request_that_does_not_fit_starts_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = PartitionConfig {
+            segment_bytes: 64 * 1024,
+            ..PartitionConfig::default()
+        };
+        let io = crate::storage::io::StdIo::default();
+        let (mut p, _) = Partition::open(dir.path(), config, io, TimestampMs(0)).unwrap();
+        let b = batch_of(1, 8_000);
+        for _ in 0..6 {
+            p.append(&b, Instant::now(), TimestampMs(0)).unwrap();
+        }
+        assert_eq!(p.segments.len(), 1);
+        let room = p.segments.back().unwrap().room();
+        let request: Vec<_> = (0..3).map(|_| ValidBatch::parse(&b).unwrap()).collect();
+        assert!(
+            room >= b.len() as u64 && room < 3 * b.len() as u64,
+            "{room}"
+        );
+        let a = p
+            .append_all(&request, Instant::now(), TimestampMs(0))
+            .unwrap();
+        assert_eq!(p.segments.len(), 2);
+        let second = p.segments.back().unwrap().base;
+        assert_eq!(second, Offset(6));
+        assert!(a.iter().all(|a| a.base_offset >= second));
         p.flush_blocking().unwrap();
     }
 }
