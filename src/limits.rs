@@ -97,6 +97,10 @@ pub const SYNC_BACKGROUND_DELAY_US_MAX: u64 = 10_000;
 /// The broker's default TCP port.
 pub const DEFAULT_PORT: u16 = 9470;
 
+/// Open files below which the broker warns at start-up, having raised its soft
+/// limit to the hard one (`server::raise_open_files_limit`).
+pub const OPEN_FILES_WANTED: u64 = 16_384;
+
 /// Connections the broker accepts at once (all shards together).
 pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
 

@@ -34,12 +34,23 @@ impl Broker {
 
     /// [`Broker::start_with`], with the broker's log (stderr) going to `log`.
     fn start_logging(dir: &std::path::Path, extra: &[&str], log: Stdio) -> Broker {
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_ringbus")), dir, extra, log)
+    }
+
+    /// [`Broker::start_with`] through `command`, which runs the binary (a shell
+    /// that sets a limit first, say) with the arguments that follow.
+    fn start_command(
+        mut command: Command,
+        dir: &std::path::Path,
+        extra: &[&str],
+        log: Stdio,
+    ) -> Broker {
         let cores: &[&str] = if extra.contains(&"--cores") {
             &[]
         } else {
             &["--cores", "2"]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringbus"))
+        let mut child = command
             .args([
                 "serve",
                 "--listen",
@@ -149,6 +160,18 @@ fn log_files(dir: &std::path::Path) -> usize {
                 .is_some_and(|x| x == "log")
         })
         .count()
+}
+
+/// Produces `value` once to each of `topic`'s first `parts` partitions, and waits
+/// for every acknowledgement.
+fn one_record_each(addr: &str, topic: &str, parts: u32, value: &[u8]) {
+    let p = Producer::new(addr, ProducerConfig::default()).unwrap();
+    let receipts: Vec<_> = (0..parts)
+        .map(|part| p.send(topic, Some(part), None, value, &[]).unwrap())
+        .collect();
+    for r in receipts {
+        r.wait().unwrap();
+    }
 }
 
 /// Every value in a partition from offset 0, with offsets.
@@ -1662,14 +1685,7 @@ fn a_topic_of_many_partitions_reserves_little_disk() {
         ..TopicConfig::default()
     };
     c.create_topic("wide", cfg).unwrap();
-    let p = Producer::new(&b.addr, ProducerConfig::default()).unwrap();
-    let receipts: Vec<_> = (0..100u32)
-        .map(|part| p.send("wide", Some(part), None, b"x", &[]).unwrap())
-        .collect();
-    for r in receipts {
-        r.wait().unwrap();
-    }
-    drop(p);
+    one_record_each(&b.addr, "wide", 100, b"x");
     use std::os::unix::fs::MetadataExt;
     let (mut logs, mut reserved) = (0, 0);
     for part in 0..100 {
@@ -1708,6 +1724,42 @@ fn a_topic_of_many_partitions_reserves_little_disk() {
     assert!(
         reserved >= 24 << 20,
         "{reserved} bytes reserved after 12 MB"
+    );
+    b.stop();
+}
+
+/// The broker raises its open-files limit to the hard one: started with a soft
+/// limit of 256, it still serves a topic of 300 partitions (each with three segment
+/// files open, plus two for writes once it takes data), where it used to fail the
+/// creation with EMFILE.
+#[test]
+fn the_broker_raises_its_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sh = Command::new("sh");
+    sh.args([
+        "-c",
+        "ulimit -S -n 256 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_ringbus"),
+    ]);
+    let b = Broker::start_command(sh, dir.path(), &[], Stdio::inherit());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", b.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let soft: Vec<&str> = line.split_whitespace().collect();
+    assert_ne!(soft[3], "256", "{line}");
+    assert_eq!(
+        soft[3], soft[4],
+        "soft limit raised to the hard one: {line}"
+    );
+    let c = b.conn();
+    c.create_topic("many", topic(300)).unwrap();
+    one_record_each(&b.addr, "many", 300, b"y");
+    assert_eq!(
+        read_partition(&b.addr, "many", 299),
+        vec![(Offset(0), b"y".to_vec())]
     );
     b.stop();
 }

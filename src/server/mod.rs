@@ -131,6 +131,24 @@ const TOPIC_DEFAULT_KEYS: [&str; 7] = [
     "recovery",
 ];
 
+/// Raises this process's limit of open files to the most it may have (the hard
+/// limit). Each partition keeps three files open per segment (log, offset index,
+/// time index) and two more for the active segment's writes, and each client one
+/// socket: at the usual soft limit of 1,024, a few hundred partitions would leave
+/// topic creations and connections failing with EMFILE. Where the hard limit
+/// itself is low, says so.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < limits::OPEN_FILES_WANTED => tracing::warn!(
+            limit = n,
+            "open files are limited to {n}; raise the hard limit (ulimit -Hn, or LimitNOFILE \
+             for systemd) to serve many partitions and connections"
+        ),
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+}
+
 /// State every shard shares (atomics only: no locks on the request path).
 #[derive(Debug)]
 pub struct Shared {
@@ -182,6 +200,7 @@ impl Broker {
             .map_err(|e| anyhow::anyhow!("topic_defaults: {e}"))?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", config.data_dir.display()))?;
+        raise_open_files_limit();
         let irq_cpus = placement::disk_irq_cpus(&config.data_dir);
         let cpus = placement::allowed_cpus();
         let plan = placement::plan(config.placement, config.cores, &cpus, &irq_cpus);
