@@ -806,8 +806,9 @@ impl<B: LogIo> Partition<B> {
     /// blocks on a full disk) is done or checked before the first batch goes in, so
     /// a refused request leaves nothing behind that a retry would duplicate. To
     /// that end a request that does not fit in the active segment starts a new one
-    /// (the active segment is sealed with that room unused). Only a request larger
-    /// than a whole segment is appended batch by batch, and may be cut where a
+    /// (the active segment is sealed with that room unused), and its batches all go
+    /// into one segment. Only a request larger than a whole segment (or with more
+    /// offsets than one holds) is appended batch by batch, and may be cut where a
     /// later roll fails.
     pub fn append_all(
         &mut self,
@@ -829,16 +830,20 @@ impl<B: LogIo> Partition<B> {
             total += b.len() as u64;
             span += u64::from(b.header().last_offset_delta.get()) + 1;
         }
-        if batches.len() > 1 && total <= self.capacity {
-            if self.needs_roll(total, span, wall) {
-                self.roll(wall)?;
-            }
-            self.reserve_for_append(total)?;
+        if batches.len() < 2 || total > self.capacity || span > u64::from(u32::MAX) {
+            return batches
+                .iter()
+                .map(|&b| self.append_valid(b, now, wall))
+                .collect();
         }
-        batches
-            .iter()
-            .map(|&b| self.append_valid(b, now, wall))
-            .collect()
+        // One decision for the whole request: after it, nothing below can refuse,
+        // and no batch rolls on its own (a segment past `segment_ms` once its first
+        // batch is in would otherwise roll in the middle of the request).
+        if self.needs_roll(total, span, wall) {
+            self.roll(wall)?;
+        }
+        self.reserve_for_append(total)?;
+        Ok(batches.iter().map(|&b| self.append_here(b, now)).collect())
     }
 
     /// Whether `len` bytes holding `span` offsets need a new segment first.
@@ -874,6 +879,15 @@ impl<B: LogIo> Partition<B> {
             self.roll(wall)?;
         }
         self.reserve_for_append(len)?;
+        Ok(self.append_here(batch, now))
+    }
+
+    /// Appends `batch` to the active segment, which the caller made sure has the
+    /// room, the offsets and the reserved blocks for it.
+    fn append_here(&mut self, batch: ValidBatch<'_>, now: Instant) -> Appended {
+        let b = batch.batch();
+        let len = b.len() as u64;
+        let span = u64::from(b.header().last_offset_delta.get()) + 1;
         let base = self.next_offset;
         let io = &self.io;
         let active = self.segments.back_mut().expect("at least one segment");
@@ -888,10 +902,10 @@ impl<B: LogIo> Partition<B> {
         if pending - len < self.config.flush_bytes && pending >= self.config.flush_bytes {
             self.kicks.advance(self.kicks.get() + 1);
         }
-        Ok(Appended {
+        Appended {
             base_offset: base,
             last_offset: Offset(self.next_offset.0 - 1),
-        })
+        }
     }
 
     /// Seals the active segment and starts a new one at the next offset: the
@@ -2513,6 +2527,34 @@ mod tests {
             .append_all(&request, Instant::now(), TimestampMs(0))
             .unwrap();
         assert_eq!(p.segments.len(), 2);
+        let second = p.segments.back().unwrap().base;
+        assert_eq!(second, Offset(6));
+        assert!(a.iter().all(|a| a.base_offset >= second));
+        p.flush_blocking().unwrap();
+    }
+
+    /// With `segment_ms` 0 every non-empty segment is due to roll, yet a request's
+    /// batches still go into one segment: the roll is decided once per request
+    /// (batch by batch, the second batch would roll, and a failing roll there would
+    /// leave the first one in the log).
+    #[test]
+    fn a_request_rolls_once_before_its_first_batch_not_between_its_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = PartitionConfig {
+            segment_ms: Some(0),
+            ..PartitionConfig::default()
+        };
+        let io = crate::storage::io::StdIo::default();
+        let (mut p, _) = Partition::open(dir.path(), config, io, TimestampMs(0)).unwrap();
+        let b = batch_of(2, 100);
+        let request: Vec<_> = (0..3).map(|_| ValidBatch::parse(&b).unwrap()).collect();
+        p.append_all(&request, Instant::now(), TimestampMs(10))
+            .unwrap();
+        assert_eq!(p.segments.len(), 1, "one segment for the first request");
+        let a = p
+            .append_all(&request, Instant::now(), TimestampMs(20))
+            .unwrap();
+        assert_eq!(p.segments.len(), 2, "the second request rolled once");
         let second = p.segments.back().unwrap().base;
         assert_eq!(second, Offset(6));
         assert!(a.iter().all(|a| a.base_offset >= second));
