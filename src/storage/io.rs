@@ -272,6 +272,47 @@ thread_local! {
     pub(crate) static FAIL_ALLOCATIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The data regions of `file` from `from` on, as `[start, end)` ranges (`lseek`
+/// with `SEEK_DATA` and `SEEK_HOLE`): what lies between them reads as zeros without
+/// being read. Holes count as such everywhere; on ext4 (and XFS) so do unwritten
+/// (fallocated) extents with no cached data. `None` where the filesystem cannot
+/// tell, so the caller must treat the whole file as data.
+pub fn data_regions(file: &File, from: u64) -> Option<Vec<(u64, u64)>> {
+    let seek = |pos: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let pos =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek touches no memory of ours; the fd is valid for the borrow of
+        // `file`. It moves the file offset, which nothing here uses: every read and
+        // write of segment files is positional.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data (or no hole) at or after `pos`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let len = file.metadata().ok()?.len();
+    let mut regions = Vec::new();
+    let mut pos = from;
+    while pos < len {
+        let Some(start) = seek(pos, libc::SEEK_DATA).ok()? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE).ok()?.unwrap_or(len).min(len);
+        if end <= start {
+            break;
+        }
+        regions.push((start, end));
+        pos = end;
+    }
+    Some(regions)
+}
+
 /// Sets the extended attribute `name` (no value) on `file`: a mark for recovery's
 /// report, never for its decisions. Filesystems without user attributes answer
 /// with an error the caller may ignore.

@@ -50,8 +50,20 @@ fn pages(bytes: &[u8]) -> (*mut libc::c_void, usize) {
 /// memory, so that reading it will not wait for the disk. Answers `true` when the
 /// kernel cannot tell (the caller then reads as it would have anyway).
 pub fn resident(bytes: &[u8]) -> bool {
+    residency(bytes).is_none_or(|pages| pages.iter().all(|v| v & 1 == 1))
+}
+
+/// How many bytes of the pages under `bytes` (a slice of a map) are in memory, for
+/// a file map: in the page cache. `None` when the kernel cannot tell.
+pub fn resident_bytes(bytes: &[u8]) -> Option<usize> {
+    let pages = residency(bytes)?;
+    Some(pages.iter().filter(|v| *v & 1 == 1).count() * page_size())
+}
+
+/// One byte per page under `bytes` from mincore (bit 0: resident).
+fn residency(bytes: &[u8]) -> Option<Vec<u8>> {
     if bytes.is_empty() {
-        return true;
+        return Some(Vec::new());
     }
     let (addr, len) = pages(bytes);
     let mut vec = vec![0u8; len / page_size()];
@@ -59,7 +71,7 @@ pub fn resident(bytes: &[u8]) -> bool {
     // keeps it mapped), `addr` is page-aligned, and `vec` has one byte per page of
     // that span, which is all mincore writes.
     let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
-    rc != 0 || vec.iter().all(|v| v & 1 == 1)
+    (rc == 0).then_some(vec)
 }
 
 /// Brings the pages under `bytes` into memory: asks the kernel to read `ahead` (a

@@ -259,6 +259,29 @@ pub(crate) fn nonzero_end(bytes: &[u8]) -> usize {
     0
 }
 
+/// Position just past the last non-zero byte of `map` (the whole of `file`) at or
+/// after `from`, or `from`. Reads only the file's data regions: the rest of a
+/// segment (a hole, or blocks reserved and never written) reads as zeros. Reading
+/// it all made every start touch each active segment whole: 74 s to start a
+/// broker of 200 empty partitions of 256 MiB segments.
+fn nonzero_end_from(file: &File, map: &[u8], from: usize) -> usize {
+    let Some(regions) = sio::data_regions(file, from as u64) else {
+        return from + nonzero_end(&map[from..]);
+    };
+    let mut last = from;
+    for (start, end) in regions {
+        let start = (start as usize).max(from).min(map.len());
+        let end = (end as usize).min(map.len());
+        if end > start {
+            let e = nonzero_end(&map[start..end]);
+            if e > 0 {
+                last = start + e;
+            }
+        }
+    }
+    last
+}
+
 /// The backend's write handle for a segment, opened on first write (opening may be
 /// asynchronous, so it happens inside a flush job, never inside `append`).
 pub(crate) struct SegmentWriter<B: LogIo> {
@@ -932,7 +955,7 @@ impl<B: LogIo> Segment<B> {
         }
         let end = scanned.end;
         let next = scanned.next_offset.unwrap_or(start.1);
-        let garbage_end = end as usize + nonzero_end(&scan_map[end as usize..]);
+        let garbage_end = nonzero_end_from(&seg.file, &scan_map, end as usize);
         // Whether the bytes after the last batch start with the offset expected next.
         let own_next = scan_map[end as usize..garbage_end]
             .get(batch::BASE_OFFSET_POS..batch::BASE_OFFSET_POS + 8)
