@@ -94,6 +94,31 @@ pub fn fault_in(bytes: &[u8], ahead: &[u8]) {
     std::hint::black_box(sum);
 }
 
+/// Reads of `map` (a whole map from [`map_readonly`]) fault in only the page they
+/// touch (`MADV_RANDOM`): a recovery scan reads the bytes a segment file holds,
+/// and the kernel's usual read-around of a fault would also read (and zero-fill)
+/// megabytes of reserved, never-written blocks after them. Advisory; see
+/// [`read_ahead`] for the ranges the scan will read.
+pub fn advise_random(map: &[u8]) {
+    let (addr, len) = pages(map);
+    if len > 0 {
+        // SAFETY: MADV_RANDOM only changes how the kernel reads this live,
+        // page-aligned span of our own map on faults; never its contents. Advisory:
+        // the result is ignored.
+        let _ = unsafe { libc::madvise(addr, len, libc::MADV_RANDOM) };
+    }
+}
+
+/// Asks the kernel to read the pages under `bytes` (a slice of a map) ahead, in
+/// large requests (`MADV_WILLNEED`). Advisory.
+pub fn read_ahead(bytes: &[u8]) {
+    let (addr, len) = pages(bytes);
+    if len > 0 {
+        // SAFETY: as in `fault_in`: starts reads of pages of this live span.
+        let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
+    }
+}
+
 /// Maps the first `len` bytes of `file` read-only. An empty length yields empty
 /// `Bytes` (mmap of zero bytes is an error on Linux).
 pub fn map_readonly(file: &File, len: u64) -> io::Result<Bytes> {
