@@ -590,8 +590,8 @@ fn recovery_reads_only_the_written_part_of_an_active_segment() {
     let file = std::fs::File::open(&path).unwrap();
     let map = map_readonly(&file, 256 << 20).unwrap();
     let cached = resident_bytes(&map).expect("mincore");
-    // The 1 MB of data and a page or two, not the 256 MiB segment, nor the 4 MiB
-    // of reserved blocks that a fault's read-around would zero-fill.
+    // The data from the last index entry on and a page or two, not the 256 MiB
+    // segment, nor the 4 MiB of reserved blocks a fault's read-around would fill.
     assert!(
         cached < 3 << 20,
         "{cached} bytes of the segment read into memory"
@@ -615,7 +615,16 @@ fn recovery_reads_only_the_written_part_of_an_active_segment() {
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x33; 4096], 40 << 20).unwrap();
     drop(f);
-    let (p, report) = open(dir.path(), config);
+    let (p, report) = open(dir.path(), config.clone());
     assert_eq!(report.truncated_bytes, (40 << 20) + 4096 - p.size_bytes());
+    assert_eq!(p.next_offset(), Offset(100));
+    drop(p);
+    // And in reserved blocks that hold it only in the page cache (a buffered write
+    // not yet written back, into an unwritten extent).
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x44; 100], 3 << 20).unwrap();
+    drop(f);
+    let (p, report) = open(dir.path(), config);
+    assert_eq!(report.truncated_bytes, (3 << 20) + 100 - p.size_bytes());
     assert_eq!(p.next_offset(), Offset(100));
 }

@@ -40,6 +40,10 @@ fn page_size() -> usize {
 /// The page-aligned span of memory that covers `bytes`.
 fn pages(bytes: &[u8]) -> (*mut libc::c_void, usize) {
     let page = page_size();
+    if bytes.is_empty() {
+        // No pages: an empty slice may point anywhere (`Bytes::new()`).
+        return (std::ptr::null_mut(), 0);
+    }
     let start = bytes.as_ptr() as usize;
     let first = start & !(page - 1);
     let end = (start + bytes.len()).next_multiple_of(page);
@@ -110,12 +114,15 @@ pub fn advise_random(map: &[u8]) {
 }
 
 /// Asks the kernel to read the pages under `bytes` (a slice of a map) ahead, in
-/// large requests (`MADV_WILLNEED`). Advisory.
+/// large requests (`MADV_WILLNEED`). Advisory. One request reads at most the
+/// device's read-ahead size, so a long span goes as many requests of 2 MiB.
 pub fn read_ahead(bytes: &[u8]) {
-    let (addr, len) = pages(bytes);
-    if len > 0 {
-        // SAFETY: as in `fault_in`: starts reads of pages of this live span.
-        let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
+    for part in bytes.chunks(2 << 20) {
+        let (addr, len) = pages(part);
+        if len > 0 {
+            // SAFETY: as in `fault_in`: starts reads of pages of this live span.
+            let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
+        }
     }
 }
 

@@ -837,7 +837,11 @@ impl<B: LogIo> Segment<B> {
         // (`read_from`); a fault's usual read-around would also zero-fill megabytes
         // of reserved, never-written blocks (41 s to start 2,000 empty partitions).
         let regions = sio::data_regions(&file, 0);
-        crate::storage::mmap::advise_random(&scan_map);
+        if regions.is_some() {
+            // Where the filesystem cannot tell, every byte is read: leave the
+            // kernel's read-around to it.
+            crate::storage::mmap::advise_random(&scan_map);
+        }
         let read_from = |from: u64, to: u64| {
             let all = [(0, file_len)];
             for &(a, b) in regions.as_deref().unwrap_or(&all) {
