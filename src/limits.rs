@@ -97,6 +97,15 @@ pub const SYNC_BACKGROUND_DELAY_US_MAX: u64 = 10_000;
 /// The broker's default TCP port.
 pub const DEFAULT_PORT: u16 = 9470;
 
+/// A partition fenced by an I/O error is opened again from the disk after this
+/// pause, doubled after each failed attempt up to `FENCED_REOPEN_MAX_MS`
+/// (`server::shard::drive`).
+pub const FENCED_REOPEN_FIRST_MS: u64 = 1_000;
+pub const FENCED_REOPEN_MAX_MS: u64 = 30_000;
+
+/// How often a long-polling fetch of a fenced partition looks again.
+pub const FENCED_POLL_MS: u64 = 100;
+
 /// Open files below which the broker warns at start-up, having raised its soft
 /// limit to the hard one (`server::raise_open_files_limit`).
 pub const OPEN_FILES_WANTED: u64 = 16_384;

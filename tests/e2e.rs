@@ -174,6 +174,15 @@ fn one_record_each(addr: &str, topic: &str, parts: u32, value: &[u8]) {
     }
 }
 
+/// `chattr FLAG path` (e2fsprogs; ext4): whether it worked.
+fn chattr(flag: &str, path: &std::path::Path) -> bool {
+    Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Every value in a partition from offset 0, with offsets.
 fn read_partition(addr: &str, topic: &str, p: u32) -> Vec<(Offset, Vec<u8>)> {
     let mut c = Consumer::new(addr, topic, p, Offset(0)).unwrap();
@@ -1447,13 +1456,7 @@ fn a_topic_created_after_a_failed_delete_starts_empty() {
         .path()
         .join("topics/again/0")
         .join(format!("{:020}.log", 0));
-    let chattr = |flag: &str| {
-        Command::new("chattr")
-            .arg(flag)
-            .arg(&seg)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let chattr = |flag: &str| chattr(flag, &seg);
     assert!(chattr("+i"), "chattr +i failed (needs ext4 and e2fsprogs)");
     let deleted = c.delete_topic("again");
     assert!(chattr("-i"));
@@ -1765,5 +1768,76 @@ fn the_broker_raises_its_open_files_limit() {
         read_partition(&b.addr, "many", parts - 1),
         vec![(Offset(0), b"y".to_vec())]
     );
+    b.stop();
+}
+
+/// A partition fenced by a failed write (its segment file made immutable) refuses
+/// appends, keeps its shard serving the others, also while a consumer long-polls
+/// it (that poll used to spin and hold the whole shard until its deadline), and
+/// is reopened from the disk by itself once writes work again: no restart.
+#[test]
+fn a_fenced_partition_is_reopened_once_writes_work_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start_with(dir.path(), &["--cores", "1"]);
+    let c = b.conn();
+    c.create_topic("f", topic(2)).unwrap();
+    let produce = |p: u32, tag: &str| c.call(&produce_request("f", p, tag, 10, 100));
+    for p in 0..2 {
+        let r = produce(p, "first");
+        assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    }
+    let seg = dir.path().join(format!("topics/f/0/{:020}.log", 0));
+    let chattr = |flag: &str| chattr(flag, &seg);
+    assert!(chattr("+i"), "chattr +i failed (needs ext4 and e2fsprogs)");
+    let failed = produce(0, "lost");
+    assert!(failed.is_err(), "{failed:?}");
+    // A consumer long-polls the fenced partition for 20 s ...
+    let addr = b.addr.clone();
+    let poll = std::thread::spawn(move || {
+        Connection::connect(addr.as_str())
+            .unwrap()
+            .call(&Request::Fetch {
+                topic: "f".into(),
+                partition: 0,
+                offset: Offset(10),
+                max_bytes: 1 << 20,
+                max_wait_ms: 20_000,
+            })
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // ... while the shard goes on serving the other partition.
+    let started = Instant::now();
+    let r = produce(1, "other");
+    assert!(matches!(r, Ok(Response::Produce { .. })), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the other partition waited {:?}",
+        started.elapsed()
+    );
+    assert!(chattr("-i"));
+    // Reopened within its first retries (after 1 s, then 2 s, ...).
+    let started = Instant::now();
+    let reopened = loop {
+        match produce(0, "after") {
+            Ok(Response::Produce { base_offsets, .. }) => break base_offsets[0],
+            other => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "still refused: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(reopened, Offset(10), "the refused batch is not in the log");
+    let values: Vec<String> = read_partition(&b.addr, "f", 0)
+        .into_iter()
+        .map(|(_, v)| String::from_utf8(v).unwrap())
+        .collect();
+    assert_eq!(values.len(), 20);
+    assert!(values[..10].iter().all(|v| v.starts_with("first-")));
+    assert!(values[10..].iter().all(|v| v.starts_with("after-")));
+    let polled = poll.join().unwrap();
+    assert!(matches!(polled, Ok(Response::Fetch { .. })), "{polled:?}");
     b.stop();
 }

@@ -252,6 +252,92 @@ pub async fn wait_shutdown(shared: &Shared) {
     }
 }
 
+/// What it takes to open (and reopen) one partition of this shard.
+struct Opener {
+    topic: String,
+    partition: u32,
+    dir: std::path::PathBuf,
+    config: PartitionConfig,
+    io: UringIo,
+    cache: CacheBudget,
+    read_pool: ReadPool,
+}
+
+impl Opener {
+    /// Opens the partition (recovery), with the shard's tail cache and read buffers.
+    fn open(&self) -> Result<Partition<UringIo>, StorageError> {
+        let (mut part, report) = Partition::open(
+            &self.dir,
+            self.config.clone(),
+            self.io.clone(),
+            TimestampMs::now(),
+        )?;
+        part.set_tail_cache(self.cache.clone());
+        part.set_read_pool(self.read_pool.clone());
+        if report.truncated_bytes > 0 || !report.corruptions.is_empty() {
+            tracing::warn!(
+                topic = self.topic,
+                partition = self.partition,
+                ?report,
+                "partition recovered with repairs"
+            );
+        }
+        Ok(part)
+    }
+}
+
+/// Runs a partition's group-commit driver until `stop`. When an I/O error fences
+/// the partition (a failed write, fdatasync or cut: its appends are refused, its
+/// waiters failed), opens it again from the disk after a pause, as a restart would
+/// (recovery keeps exactly what the disk holds), so that it takes appends again
+/// once the cause is gone; until then it keeps trying, less and less often. Reads
+/// go on throughout, from the fenced partition and then from the reopened one.
+async fn drive(
+    part: Rc<RefCell<Partition<UringIo>>>,
+    stop: Watermark,
+    opener: Opener,
+) -> Result<(), StorageError> {
+    let first = Duration::from_millis(limits::FENCED_REOPEN_FIRST_MS);
+    let mut pause = first;
+    loop {
+        let fenced = match group_commit(part.clone(), stop.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if stop.get() >= 1 => return Err(e),
+            Err(e) => e,
+        };
+        loop {
+            tracing::warn!(topic = opener.topic, partition = opener.partition, error = %fenced,
+                retry_in_ms = pause.as_millis() as u64, "partition fenced; reopening it from the disk");
+            futures_lite::future::or(glommio::timer::sleep(pause), async {
+                stop.wait_for(1).await.ok();
+            })
+            .await;
+            if stop.get() >= 1 {
+                return Err(fenced);
+            }
+            pause = (pause * 2).min(Duration::from_millis(limits::FENCED_REOPEN_MAX_MS));
+            match opener.open() {
+                Ok(reopened) => {
+                    // The fenced partition's unwritten appends were refused or
+                    // failed to their producers; recovery kept what the disk holds.
+                    *part.borrow_mut() = reopened;
+                    tracing::info!(
+                        topic = opener.topic,
+                        partition = opener.partition,
+                        "partition reopened after a fence"
+                    );
+                    pause = first;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = opener.topic, partition = opener.partition, error = %e,
+                        "could not reopen a fenced partition");
+                }
+            }
+        }
+    }
+}
+
 async fn stop_slot(slot: &Slot) -> Result<(), StorageError> {
     slot.stop.advance(1);
     let driver = slot.driver.borrow_mut().take();
@@ -278,27 +364,21 @@ impl Shard {
             if owner(topic, p, self.shared.shards) != self.id {
                 continue;
             }
-            let dir = catalog::partition_dir(&self.shared.config.data_dir, topic, p);
-            let (mut part, report) = Partition::open(
-                &dir,
-                self.partition_config(cfg),
-                self.io.clone(),
-                TimestampMs::now(),
-            )
-            .map_err(|e| anyhow::anyhow!("open {topic}/{p}: {e}"))?;
-            part.set_tail_cache(self.cache.clone());
-            part.set_read_pool(self.read_pool.clone());
-            if report.truncated_bytes > 0 || !report.corruptions.is_empty() {
-                tracing::warn!(
-                    topic,
-                    partition = p,
-                    ?report,
-                    "partition recovered with repairs"
-                );
-            }
+            let opener = Opener {
+                topic: topic.to_owned(),
+                partition: p,
+                dir: catalog::partition_dir(&self.shared.config.data_dir, topic, p),
+                config: self.partition_config(cfg),
+                io: self.io.clone(),
+                cache: self.cache.clone(),
+                read_pool: self.read_pool.clone(),
+            };
+            let part = opener
+                .open()
+                .map_err(|e| anyhow::anyhow!("open {topic}/{p}: {e}"))?;
             let part = Rc::new(RefCell::new(part));
             let stop = Watermark::new(0);
-            let driver = glommio::spawn_local(group_commit(part.clone(), stop.clone()));
+            let driver = glommio::spawn_local(drive(part.clone(), stop.clone(), opener));
             self.partitions.borrow_mut().insert(
                 (topic.to_owned(), p),
                 Rc::new(Slot {
@@ -536,7 +616,16 @@ impl Shard {
                     {
                         // Long poll: wake on the first write past `offset`, or at the deadline.
                         let more = async {
-                            written.wait_for(offset.0 + 1).await.ok();
+                            if written.wait_for(offset.0 + 1).await.is_err() {
+                                // Fenced: nothing is written until it is reopened, and
+                                // the wait fails at once; look again shortly rather
+                                // than spin (which held the whole shard up to the
+                                // deadline).
+                                glommio::timer::sleep(Duration::from_millis(
+                                    limits::FENCED_POLL_MS,
+                                ))
+                                .await;
+                            }
                         };
                         futures_lite::future::or(more, glommio::timer::sleep(deadline - now)).await;
                         continue;
