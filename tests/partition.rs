@@ -1812,6 +1812,56 @@ fn held_reads_keep_expired_segments_from_being_recycled() {
     assert_eq!(r.segments_recycled, 1, "{r:?}");
 }
 
+/// A partition opened to replace a fenced one (the broker's reopen) never reuses
+/// the files it found: readers may still hold slices of the old partition's maps
+/// of them, which its own watches do not see. Once those files are gone, files of
+/// segments it wrote itself are reused again.
+#[test]
+fn a_reopened_partition_removes_the_files_it_found_instead_of_reusing_them() {
+    for keep in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = retained_log(dir.path(), 300);
+        if keep {
+            p.keep_old_files();
+        }
+        let cell = std::cell::RefCell::new(p);
+        let retain =
+            || futures_lite::future::block_on(apply_retention_shared(&cell, TimestampMs(1_000)));
+        let r = retain().unwrap();
+        assert!(r.segments_deleted >= 2, "{r:?}");
+        assert_eq!(
+            r.segments_recycled,
+            usize::from(!keep),
+            "keep {keep}: {r:?}"
+        );
+        if !keep {
+            continue;
+        }
+        // Enough new segments that every file found at the reopen expires.
+        let found = cell.borrow().segment_bases();
+        for i in 0..600 {
+            append(
+                &mut cell.borrow_mut(),
+                &batch(&format!("k{i}"), 1, 1000, 1_000),
+            );
+        }
+        cell.borrow_mut().flush_blocking().unwrap();
+        let r = retain().unwrap();
+        assert!(cell.borrow().log_start() > *found.last().unwrap(), "{r:?}");
+        let r = {
+            for i in 0..200 {
+                append(
+                    &mut cell.borrow_mut(),
+                    &batch(&format!("l{i}"), 1, 1000, 1_000),
+                );
+            }
+            cell.borrow_mut().flush_blocking().unwrap();
+            retain().unwrap()
+        };
+        assert_eq!(r.segments_recycled, 1, "{r:?}");
+    }
+}
+
 /// A crash after a recycled segment was sealed and made durable but before its
 /// file was cut to length leaves the file's earlier batches after the new ones.
 /// Recovery must see that every offset up to the next segment is there and trim the

@@ -298,13 +298,19 @@ async fn drive(
     opener: Opener,
 ) -> Result<(), StorageError> {
     let first = Duration::from_millis(limits::FENCED_REOPEN_FIRST_MS);
+    let most = Duration::from_millis(limits::FENCED_REOPEN_MAX_MS);
     let mut pause = first;
     loop {
+        let ran = Instant::now();
         let fenced = match group_commit(part.clone(), stop.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if stop.get() >= 1 => return Err(e),
             Err(e) => e,
         };
+        if ran.elapsed() > most {
+            // It ran well since the last reopen (or the start): a new fault.
+            pause = first;
+        }
         loop {
             tracing::warn!(topic = opener.topic, partition = opener.partition, error = %fenced,
                 retry_in_ms = pause.as_millis() as u64, "partition fenced; reopening it from the disk");
@@ -315,18 +321,21 @@ async fn drive(
             if stop.get() >= 1 {
                 return Err(fenced);
             }
-            pause = (pause * 2).min(Duration::from_millis(limits::FENCED_REOPEN_MAX_MS));
+            // Kept doubling across reopens that fence again soon (a disk that
+            // keeps failing): only a good run resets it, above.
+            pause = (pause * 2).min(most);
             match opener.open() {
-                Ok(reopened) => {
-                    // The fenced partition's unwritten appends were refused or
-                    // failed to their producers; recovery kept what the disk holds.
+                Ok(mut reopened) => {
+                    // Recovery kept what the disk holds (appends whose write or
+                    // sync failed may be there or not; their producers got the
+                    // error). Recovery runs here, on the shard, as at start-up.
+                    reopened.keep_old_files();
                     *part.borrow_mut() = reopened;
                     tracing::info!(
                         topic = opener.topic,
                         partition = opener.partition,
                         "partition reopened after a fence"
                     );
-                    pause = first;
                     break;
                 }
                 Err(e) => {

@@ -374,6 +374,10 @@ pub struct Partition<B: LogIo> {
     /// Where the next segment comes from.
     spare: Spare,
     reserve: Reserve,
+    /// Segments below this base are never reused as spares, only removed: after a
+    /// reopen ([`Partition::keep_old_files`]) maps of the partition this one
+    /// replaced may still be read, which this one's watches do not see.
+    reuse_from: Offset,
     /// Bumped when a spare is wanted, for the driver that creates it.
     spare_kicks: Watermark,
     /// A roll happened and retention limits are set: the driver applies retention
@@ -701,6 +705,7 @@ impl<B: LogIo> Partition<B> {
             cache: None,
             spare: Spare::Idle,
             reserve: Reserve::Idle,
+            reuse_from: Offset(0),
             spare_kicks: Watermark::new(0),
             retention_due: false,
             dir_unsynced: false,
@@ -1009,6 +1014,14 @@ impl<B: LogIo> Partition<B> {
             self.spare = Spare::Wanted;
             self.spare_kicks.advance(self.spare_kicks.get() + 1);
         }
+    }
+
+    /// For a partition opened to replace one still read through its maps (a reopen
+    /// after a fence): the files it opened are never reused as spares, only
+    /// removed, since the old maps' readers are invisible to this partition.
+    pub fn keep_old_files(&mut self) {
+        let active = self.segments.back().expect("at least one segment");
+        self.reuse_from = active.base.plus(1);
     }
 
     /// Asks the driver to reserve more of the active segment once the appends are
@@ -1888,8 +1901,13 @@ impl<B: LogIo> Partition<B> {
             expired += 1;
             newest_by_age = by_age;
         }
-        let spare_free = matches!(self.spare, Spare::Idle | Spare::Wanted | Spare::Failed);
-        if expired > usize::from(spare_free) && !newest_by_age {
+        let reusable = self
+            .segments
+            .front()
+            .is_some_and(|s| s.base >= self.reuse_from);
+        let spare_free =
+            reusable && matches!(self.spare, Spare::Idle | Spare::Wanted | Spare::Failed);
+        if expired > usize::from(spare_free) && !newest_by_age && reusable {
             // One expired file can become the spare, and only when none is on its
             // way; the others are removed, and unlinking a written 256 MiB segment
             // discards it on the device (45-50 ms of stalled writes here, e's worst

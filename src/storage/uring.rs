@@ -323,6 +323,10 @@ enum Event {
     Wake,
 }
 
+/// Runs the writer until `stop` or an error. On an error (the partition is fenced)
+/// it first waits for the write jobs still running: a write dropped in flight may
+/// still land on the disk later, after the partition is reopened
+/// (`server::shard::drive`) and its offsets written again.
 async fn write_loop<B: LogIo>(
     part: &RefCell<Partition<B>>,
     stop: &Watermark,
@@ -332,7 +336,7 @@ async fn write_loop<B: LogIo>(
         (p.appended_watch(), p.flush_kick_watch())
     };
     let mut running = FuturesUnordered::new();
-    loop {
+    let result = loop {
         let stopping = stop.get() >= 1;
         // Start every write job that is due (several stream at once under load).
         let due = loop {
@@ -348,9 +352,11 @@ async fn write_loop<B: LogIo>(
                 None => break due,
             }
         };
-        part.borrow().check_fenced()?;
+        if let Err(e) = part.borrow().check_fenced() {
+            break Err(e);
+        }
         if stopping && running.is_empty() && part.borrow().pending_bytes() == 0 {
-            return Ok(());
+            break Ok(());
         }
         let next = appended.get() + 1;
         let kick = kicks.get() + 1;
@@ -410,12 +416,16 @@ async fn write_loop<B: LogIo>(
             }
         };
         // Completions first, so acknowledgements are never starved by wake-ups.
-        if let Event::JobDone(r) =
+        if let Event::JobDone(Err(e)) =
             futures_lite::future::or(done, futures_lite::future::or(wake, stopped)).await
         {
-            r?;
+            break Err(e);
         }
+    };
+    if result.is_err() {
+        while running.next().await.is_some() {}
     }
+    result
 }
 
 /// Syncs when a producer waits for durability (at once: group commit), and
