@@ -182,43 +182,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(p) => ServerConfig::from_toml_file(p)?,
         None => ServerConfig::default(),
     };
+    // A flag given replaces the file's value: `set!` for settings with a value,
+    // `set_opt!` for optional ones (the flag's `Some` replaces the setting).
     macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
+        ($to:expr; $($f:ident),*) => { $( if let Some(v) = a.$f { $to.$f = v.into(); } )* };
     }
-    set!(
-        listen,
-        data_dir,
-        cores,
-        placement,
-        max_connections,
-        max_frame_bytes,
-        request_memory_bytes
-    );
-    let d = &mut c.topic_defaults;
-    if let Some(v) = a.segment_bytes {
-        d.segment_bytes = v;
+    macro_rules! set_opt {
+        ($to:expr; $($f:ident),*) => { $( if a.$f.is_some() { $to.$f = a.$f; } )* };
     }
-    if let Some(v) = a.flush_bytes {
-        d.flush_bytes = v;
-    }
-    if let Some(v) = a.flush_delay_us {
-        d.flush_delay_us = v;
-    }
-    if a.segment_ms.is_some() {
-        d.segment_ms = a.segment_ms;
-    }
-    if a.retention_bytes.is_some() {
-        d.retention_bytes = a.retention_bytes;
-    }
-    if a.retention_ms.is_some() {
-        d.retention_ms = a.retention_ms;
-    }
-    if let Some(r) = a.recovery {
-        d.recovery = r.into();
-    }
-    if a.tail_cache_bytes.is_some() {
-        c.tail_cache_bytes = a.tail_cache_bytes;
-    }
+    set!(c; listen, data_dir, cores, placement, max_connections, max_frame_bytes, request_memory_bytes);
+    set!(c.topic_defaults; segment_bytes, flush_bytes, flush_delay_us, recovery);
+    set_opt!(c.topic_defaults; segment_ms, retention_bytes, retention_ms);
+    set_opt!(c; tail_cache_bytes);
     ringbus::server::run(c)
 }
 

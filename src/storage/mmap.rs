@@ -83,13 +83,7 @@ fn residency(bytes: &[u8]) -> Option<Vec<u8>> {
 /// large requests, then touches every page of `bytes`. Blocks on the disk: call it
 /// on a helper thread, never on a shard's.
 pub fn fault_in(bytes: &[u8], ahead: &[u8]) {
-    let (addr, len) = pages(ahead);
-    if len > 0 {
-        // SAFETY: MADV_WILLNEED only starts reads of the pages of this live,
-        // page-aligned span; it never changes their contents. Advisory: the result
-        // is ignored.
-        let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
-    }
+    read_ahead(ahead);
     let page = page_size();
     let mut sum = 0u8;
     for i in (0..bytes.len()).step_by(page) {
@@ -120,7 +114,9 @@ pub fn read_ahead(bytes: &[u8]) {
     for part in bytes.chunks(2 << 20) {
         let (addr, len) = pages(part);
         if len > 0 {
-            // SAFETY: as in `fault_in`: starts reads of pages of this live span.
+            // SAFETY: MADV_WILLNEED only starts reads of the pages of this live,
+            // page-aligned span; it never changes their contents. Advisory: the
+            // result is ignored.
             let _ = unsafe { libc::madvise(addr, len, libc::MADV_WILLNEED) };
         }
     }
